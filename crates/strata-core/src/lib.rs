@@ -1,0 +1,12 @@
+//! The vocabulary every other Strata crate speaks: one error type, owned aligned I/O buffers,
+//! the [`BlockNode`] trait that every driver and filter implements, and the block-status
+//! answer ("where does this range live?") that map, convert, jobs and NBD all share.
+
+pub mod buf;
+pub mod error;
+pub mod node;
+pub mod range;
+
+pub use buf::IoBuf;
+pub use error::{Error, ErrorKind, Result};
+pub use node::{BlockNode, BlockStatus, BoxFuture, Extent, NodeRef, WriteFlags, ZeroFlags};

@@ -1,0 +1,179 @@
+//! The [`BlockNode`] trait: what every format driver, protocol and filter offers the layers
+//! above it, and the block-status answer that says where a range of guest data lives.
+
+use std::any::Any;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use crate::{IoBuf, Result};
+
+/// A boxed, sendable future returning a Strata [`Result`]; the object-safe form of an
+/// `async fn` in [`BlockNode`].
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
+
+/// A shared handle to a node.
+pub type NodeRef = Arc<dyn BlockNode>;
+
+/// Flags of a write request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteFlags {
+    /// Force unit access: the data is durable when the write completes.
+    pub fua: bool,
+}
+
+/// Flags of a write-zeroes request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    /// The range may be deallocated (a hole or zero cluster) rather than written.
+    pub may_unmap: bool,
+    /// Fail with `Unsupported` rather than fall back to writing zero buffers (NBD FAST_ZERO).
+    pub no_fallback: bool,
+}
+
+/// Preallocation mode for create and resize (QEMU's `PreallocMode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Prealloc {
+    /// Allocate nothing up front.
+    #[default]
+    Off,
+    /// Allocate metadata only (format drivers).
+    Metadata,
+    /// Reserve space with `fallocate`.
+    Falloc,
+    /// Write zeroes to every byte.
+    Full,
+}
+
+impl Prealloc {
+    /// Parse QEMU's spelling (`off`, `metadata`, `falloc`, `full`).
+    pub fn parse(s: &str) -> Option<Prealloc> {
+        Some(match s {
+            "off" => Prealloc::Off,
+            "metadata" => Prealloc::Metadata,
+            "falloc" => Prealloc::Falloc,
+            "full" => Prealloc::Full,
+            _ => return None,
+        })
+    }
+
+    /// QEMU's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Prealloc::Off => "off",
+            Prealloc::Metadata => "metadata",
+            Prealloc::Falloc => "falloc",
+            Prealloc::Full => "full",
+        }
+    }
+}
+
+/// How one layer stores the start of a range (QEMU's `BDRV_BLOCK_*` flags, as a struct).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlockStatus {
+    /// This layer decides the content; otherwise reads fall through to the backing node.
+    pub allocated: bool,
+    /// Data is stored (not known to read as zero).
+    pub data: bool,
+    /// Reads are known to return zeroes.
+    pub zero: bool,
+    /// Stored compressed; there is no linear host offset.
+    pub compressed: bool,
+    /// Where the bytes live, as an offset into `host_node` (QEMU's `OFFSET_VALID`).
+    pub host_offset: Option<u64>,
+}
+
+/// The answer to "how is `[offset, offset + len)` stored?": the first run of bytes that
+/// share one [`BlockStatus`].
+#[derive(Debug, Clone)]
+pub struct Extent {
+    /// Length of the run, at least 1 byte and at most the length asked for.
+    pub len: u64,
+    /// How the run is stored.
+    pub status: BlockStatus,
+    /// The node `status.host_offset` points into (the protocol node under a format).
+    pub host_node: Option<NodeRef>,
+}
+
+impl Extent {
+    /// A run that this layer does not allocate (reads go to the backing node).
+    pub fn unallocated(len: u64) -> Extent {
+        Extent {
+            len,
+            status: BlockStatus::default(),
+            host_node: None,
+        }
+    }
+}
+
+/// A node of the block graph: a protocol (file, nbd, null), a format (raw, qcow2) or a filter.
+///
+/// All data methods take owned buffers and return them when done, so a request can outlive
+/// a dropped caller safely. Offsets and lengths are bytes; requests must lie within
+/// [`BlockNode::size`], which drivers check.
+pub trait BlockNode: Send + Sync + fmt::Debug + Any {
+    /// Driver name as QEMU spells it (`file`, `raw`, `qcow2`, `null-co`, ...).
+    fn driver(&self) -> &'static str;
+
+    /// The filename shown by `info` and `map` (the protocol file under a format).
+    fn filename(&self) -> String;
+
+    /// Guest-visible size in bytes.
+    fn size(&self) -> u64;
+
+    /// Whether writes are refused.
+    fn read_only(&self) -> bool;
+
+    /// The smallest unit this node can address without read-modify-write.
+    fn request_alignment(&self) -> u64 {
+        1
+    }
+
+    /// Read `buf.len()` bytes at `offset`, the guest view (backing data included).
+    fn read(&self, offset: u64, buf: IoBuf) -> BoxFuture<'_, IoBuf>;
+
+    /// Write `buf` at `offset`.
+    fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BoxFuture<'_, IoBuf>;
+
+    /// Make `[offset, offset + len)` read as zeroes.
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BoxFuture<'_, ()>;
+
+    /// Hint that `[offset, offset + len)` is unused; its content becomes unspecified (formats
+    /// with a backing node make it read from the backing node, as QEMU does).
+    fn discard(&self, offset: u64, len: u64) -> BoxFuture<'_, ()>;
+
+    /// Make every completed write durable.
+    fn flush(&self) -> BoxFuture<'_, ()>;
+
+    /// How this layer stores the start of `[offset, offset + len)` (see [`Extent`]).
+    fn block_status(&self, offset: u64, len: u64) -> BoxFuture<'_, Extent>;
+
+    /// Grow or shrink to `size` bytes.
+    fn truncate(&self, size: u64, prealloc: Prealloc) -> BoxFuture<'_, ()>;
+
+    /// The backing node, for formats that have one.
+    fn backing(&self) -> Option<NodeRef> {
+        None
+    }
+
+    /// The child this node stores its bytes in (a format's protocol node).
+    fn file(&self) -> Option<NodeRef> {
+        None
+    }
+
+    /// Bytes the node occupies on the host (`disk size` / `actual-size`), if known.
+    fn allocated_size(&self) -> BoxFuture<'_, Option<u64>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    /// Flush and leave the image clean on disk (clear dirty bits, store bitmaps). Called once
+    /// when the last user is done; the node must not be written afterwards.
+    fn close(&self) -> BoxFuture<'_, ()> {
+        self.flush()
+    }
+
+    /// For downcasting to a concrete driver (e.g. qcow2 for `check` and `info`).
+    fn as_any(&self) -> &dyn Any;
+}
