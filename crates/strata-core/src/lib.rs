@@ -4,9 +4,12 @@
 
 pub mod buf;
 pub mod error;
+pub mod mem;
 pub mod node;
 pub mod range;
 
 pub use buf::IoBuf;
 pub use error::{Error, ErrorKind, Result};
-pub use node::{BlockNode, BlockStatus, BoxFuture, Extent, NodeRef, WriteFlags, ZeroFlags};
+pub use node::{
+    BlockNode, BlockStatus, BoxFuture, Extent, NodeRef, Prealloc, WriteFlags, ZeroFlags,
+};
