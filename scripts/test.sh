@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs every check a change must pass: formatting, clippy, and all tests (unit, interop with
+# the installed qemu-img/qemu-io, property tests, fuzz-corpus replay).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "== tests"
+if command -v cargo-nextest >/dev/null; then
+  cargo nextest run --workspace --no-fail-fast --cargo-quiet
+  # nextest does not run doctests
+  cargo test --workspace --doc --quiet
+else
+  cargo test --workspace --no-fail-fast
+fi
