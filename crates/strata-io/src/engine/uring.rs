@@ -1,0 +1,358 @@
+//! The io_uring engine (`aio=io_uring`).
+//!
+//! One ring per process, shared by every node that asks for it. Submitters push entries under
+//! a mutex; a reaper thread sits in `io_uring_enter(GETEVENTS)` and handles completions. Each
+//! request lives in an in-flight table that owns its buffers, its iovec array and the file
+//! until its completion arrives, so a caller that drops its future never frees memory the
+//! kernel is using: the result is then simply dropped by the reaper. Short transfers and
+//! `EAGAIN`/`EINTR` are resubmitted by the reaper. The number of requests in flight is bounded
+//! by the ring size (a semaphore permit travels with each request), so the submission queue
+//! can never be full and the completion queue never overflows.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use io_uring::{IoUring, opcode, squeue, types};
+use strata_core::{BoxFuture, Error, ErrorKind, IoBuf, Result};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+
+use super::{Engine, HostFile, OpKind, errno_of, iovecs, op_error, total_len};
+use crate::file::Aio;
+
+/// Submission queue entries (the completion queue gets twice as many).
+const RING_ENTRIES: u32 = 256;
+
+/// The process-wide ring, or why it could not be set up.
+static GLOBAL: OnceLock<std::result::Result<Arc<UringEngine>, String>> = OnceLock::new();
+
+/// The shared io_uring engine, started on first use.
+pub(crate) fn global() -> Result<Arc<UringEngine>> {
+    GLOBAL
+        .get_or_init(|| UringEngine::setup().map(Arc::new).and_then(spawn_reaper))
+        .clone()
+        .map_err(|m| Error::unsupported(format!("io_uring is not available: {m}")))
+}
+
+fn spawn_reaper(engine: Arc<UringEngine>) -> std::result::Result<Arc<UringEngine>, String> {
+    let e = Arc::clone(&engine);
+    std::thread::Builder::new()
+        .name("strata-uring".into())
+        .spawn(move || e.reap())
+        .map_err(|e| format!("cannot start the completion thread: {e}"))?;
+    Ok(engine)
+}
+
+/// iovec arrays hold raw pointers; they point into buffers owned by the same request.
+struct IoVecs(Vec<libc::iovec>);
+
+// SAFETY: the pointers refer to the request's own `IoBuf`s, which are `Send`; the array moves
+// with them and is only read by the kernel.
+unsafe impl Send for IoVecs {}
+
+/// The outcome delivered to the waiting caller.
+type Outcome = Result<(Vec<IoBuf>, usize)>;
+
+/// A request in flight.
+struct Op {
+    kind: OpKind,
+    datasync: bool,
+    file: Arc<HostFile>,
+    offset: u64,
+    bufs: Vec<IoBuf>,
+    total: usize,
+    done: usize,
+    /// The iovecs of the current submission (must outlive it).
+    iov: IoVecs,
+    tx: oneshot::Sender<Outcome>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Op {
+    /// The submission entry for what is left of this request.
+    fn prepare(&mut self, key: u64) -> squeue::Entry {
+        let fd = types::Fd(self.file.fd());
+        let pos = self.offset + self.done as u64;
+        let entry = match self.kind {
+            OpKind::Sync => {
+                let flags = if self.datasync {
+                    types::FsyncFlags::DATASYNC
+                } else {
+                    types::FsyncFlags::empty()
+                };
+                opcode::Fsync::new(fd).flags(flags).build()
+            }
+            OpKind::Read | OpKind::Write => {
+                self.iov = IoVecs(iovecs(&mut self.bufs, self.done));
+                let iov = &self.iov.0;
+                let single = iov.len() == 1 && iov[0].iov_len <= u32::MAX as usize;
+                match (self.kind, single) {
+                    (OpKind::Read, true) => {
+                        opcode::Read::new(fd, iov[0].iov_base.cast(), iov[0].iov_len as u32)
+                            .offset(pos)
+                            .build()
+                    }
+                    (OpKind::Read, false) => opcode::Readv::new(fd, iov.as_ptr(), iov.len() as u32)
+                        .offset(pos)
+                        .build(),
+                    (_, true) => opcode::Write::new(
+                        fd,
+                        iov[0].iov_base.cast_const().cast(),
+                        iov[0].iov_len as u32,
+                    )
+                    .offset(pos)
+                    .build(),
+                    (_, false) => opcode::Writev::new(fd, iov.as_ptr(), iov.len() as u32)
+                        .offset(pos)
+                        .build(),
+                }
+            }
+        };
+        entry.user_data(key)
+    }
+
+    /// Deliver the result; the buffers go back to the caller, or are freed here if the caller
+    /// is gone (the kernel is done with them: their completion has arrived).
+    fn finish(self, result: Result<usize>) {
+        if self.kind == OpKind::Write {
+            self.file.after_write(self.offset + self.total as u64);
+        }
+        let outcome = result.map(|n| (self.bufs, n));
+        let _ = self.tx.send(outcome);
+    }
+}
+
+/// In-flight requests by `user_data`.
+#[derive(Default)]
+struct Table {
+    ops: HashMap<u64, Op>,
+    next: u64,
+}
+
+/// `aio=io_uring`.
+pub(crate) struct UringEngine {
+    ring: IoUring,
+    /// Serialises every access to the submission queue.
+    sq_lock: Mutex<()>,
+    table: Mutex<Table>,
+    permits: Arc<Semaphore>,
+}
+
+impl fmt::Debug for UringEngine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UringEngine")
+            .field("entries", &RING_ENTRIES)
+            .field("available", &self.permits.available_permits())
+            .finish()
+    }
+}
+
+impl UringEngine {
+    fn setup() -> std::result::Result<UringEngine, String> {
+        let ring = IoUring::new(RING_ENTRIES).map_err(|e| e.to_string())?;
+        let mut probe = io_uring::Probe::new();
+        ring.submitter()
+            .register_probe(&mut probe)
+            .map_err(|e| format!("cannot probe opcodes: {e}"))?;
+        for (code, name) in [
+            (opcode::Read::CODE, "READ"),
+            (opcode::Write::CODE, "WRITE"),
+            (opcode::Readv::CODE, "READV"),
+            (opcode::Writev::CODE, "WRITEV"),
+            (opcode::Fsync::CODE, "FSYNC"),
+        ] {
+            if !probe.is_supported(code) {
+                return Err(format!("the kernel lacks IORING_OP_{name}"));
+            }
+        }
+        Ok(UringEngine {
+            ring,
+            sq_lock: Mutex::new(()),
+            table: Mutex::new(Table::default()),
+            permits: Arc::new(Semaphore::new(RING_ENTRIES as usize)),
+        })
+    }
+
+    /// Run one request to completion.
+    async fn run(
+        self: Arc<Self>,
+        kind: OpKind,
+        datasync: bool,
+        file: Arc<HostFile>,
+        offset: u64,
+        bufs: Vec<IoBuf>,
+    ) -> Outcome {
+        let total = total_len(&bufs);
+        if total == 0 && kind != OpKind::Sync {
+            return Ok((bufs, 0));
+        }
+        let permit = Arc::clone(&self.permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::new(ErrorKind::Io(libc::EIO), "io_uring engine is closed"))?;
+        let (tx, rx) = oneshot::channel();
+        let op = Op {
+            kind,
+            datasync,
+            file,
+            offset,
+            bufs,
+            total,
+            done: 0,
+            iov: IoVecs(Vec::new()),
+            tx,
+            _permit: permit,
+        };
+        // From here on the table owns the request; dropping this future only drops `rx`.
+        self.begin(op);
+        rx.await.map_err(|_| {
+            Error::new(
+                ErrorKind::Io(libc::EIO),
+                "io_uring request was lost without a completion",
+            )
+        })?
+    }
+
+    fn begin(&self, op: Op) {
+        let sqe = {
+            let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+            let key = table.next;
+            table.next = table.next.wrapping_add(1);
+            let op = table.ops.entry(key).insert_entry(op).into_mut();
+            // The entry points at heap memory (buffers, iovec array) that stays put when the
+            // table rehashes and moves `Op` itself.
+            op.prepare(key)
+        };
+        self.push(&sqe);
+        self.submit();
+    }
+
+    /// Queue `sqe` (the request it belongs to must be in the table).
+    fn push(&self, sqe: &squeue::Entry) {
+        let _g = self.sq_lock.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            // SAFETY: `sq_lock` makes this the only live handle on the submission queue.
+            let mut sq = unsafe { self.ring.submission_shared() };
+            // SAFETY: the memory the entry points to is owned by its `Op` in the table, which
+            // is removed only after the entry's completion has been reaped.
+            if unsafe { sq.push(sqe) }.is_ok() {
+                return;
+            }
+            drop(sq);
+            // Cannot happen while in-flight requests are bounded by the ring size; make room
+            // anyway rather than lose the request.
+            let _ = self.ring.submitter().submit();
+            std::thread::yield_now();
+        }
+    }
+
+    /// Tell the kernel about queued entries. Errors leave them queued; the reaper submits
+    /// whatever is queued each time it wakes.
+    fn submit(&self) {
+        for _ in 0..100 {
+            match self.ring.submitter().submit() {
+                Ok(_) => return,
+                Err(e) => match errno_of(&e) {
+                    libc::EINTR => continue,
+                    // Short of kernel memory: try again shortly.
+                    libc::EAGAIN => std::thread::sleep(std::time::Duration::from_micros(50)),
+                    // EBUSY: completions are pending, so the reaper is about to wake and
+                    // submit for us. Anything else: the reaper retries too.
+                    _ => return,
+                },
+            }
+        }
+    }
+
+    /// The completion thread.
+    fn reap(&self) {
+        let mut done: Vec<(u64, i32)> = Vec::new();
+        loop {
+            if let Err(e) = self.ring.submitter().submit_and_wait(1) {
+                match errno_of(&e) {
+                    libc::EINTR | libc::EBUSY | libc::EAGAIN => {}
+                    // Should not happen; do not spin.
+                    _ => std::thread::sleep(std::time::Duration::from_millis(1)),
+                }
+            }
+            {
+                // SAFETY: this thread is the only one that touches the completion queue.
+                let cq = unsafe { self.ring.completion_shared() };
+                done.extend(cq.map(|c| (c.user_data(), c.result())));
+            }
+            for (key, res) in done.drain(..) {
+                self.complete(key, res);
+            }
+        }
+    }
+
+    fn complete(&self, key: u64, res: i32) {
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(op) = table.ops.get_mut(&key) else {
+            return;
+        };
+        // None: resubmit what is left.
+        let outcome: Option<Result<usize>> = if res == -libc::EAGAIN || res == -libc::EINTR {
+            None
+        } else if res < 0 {
+            Some(Err(op_error(op.kind, op.offset + op.done as u64, -res)))
+        } else {
+            match op.kind {
+                OpKind::Sync => Some(Ok(0)),
+                OpKind::Read if res == 0 => Some(Ok(op.done)), // end of file
+                OpKind::Write if res == 0 => Some(Err(op_error(
+                    OpKind::Write,
+                    op.offset + op.done as u64,
+                    libc::ENOSPC,
+                ))),
+                _ => {
+                    op.done += res as usize;
+                    (op.done >= op.total).then_some(Ok(op.done))
+                }
+            }
+        };
+        match outcome {
+            None => {
+                let sqe = op.prepare(key);
+                drop(table);
+                // Submitted by the next `submit_and_wait` of this thread.
+                self.push(&sqe);
+            }
+            Some(r) => {
+                let op = table.ops.remove(&key).expect("op present");
+                drop(table);
+                op.finish(r);
+            }
+        }
+    }
+}
+
+impl Engine for Arc<UringEngine> {
+    fn aio(&self) -> Aio {
+        Aio::IoUring
+    }
+
+    fn readv(
+        &self,
+        file: Arc<HostFile>,
+        offset: u64,
+        bufs: Vec<IoBuf>,
+    ) -> BoxFuture<'static, (Vec<IoBuf>, usize)> {
+        Box::pin(Arc::clone(self).run(OpKind::Read, false, file, offset, bufs))
+    }
+
+    fn writev(
+        &self,
+        file: Arc<HostFile>,
+        offset: u64,
+        bufs: Vec<IoBuf>,
+    ) -> BoxFuture<'static, Vec<IoBuf>> {
+        let fut = Arc::clone(self).run(OpKind::Write, false, file, offset, bufs);
+        Box::pin(async move { fut.await.map(|(b, _)| b) })
+    }
+
+    fn fsync(&self, file: Arc<HostFile>, datasync: bool) -> BoxFuture<'static, ()> {
+        let fut = Arc::clone(self).run(OpKind::Sync, datasync, file, 0, Vec::new());
+        Box::pin(async move { fut.await.map(|_| ()) })
+    }
+}
