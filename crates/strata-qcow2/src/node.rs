@@ -1,0 +1,554 @@
+//! The `Qcow2` node: opening an image, its public API, and the [`BlockNode`] implementation
+//! (the request paths themselves are in `io.rs`, resize in `resize.rs`).
+
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::Mutex as StdMutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use strata_core::{
+    BlockNode, BoxFuture, Error, ErrorKind, Extent, IoBuf, NodeRef, Prealloc, Result, WriteFlags,
+    ZeroFlags,
+};
+use tokio::sync::{Mutex, watch};
+
+use crate::cache::TableCache;
+use crate::entry::EntryFormat;
+use crate::header::{CompressionType, MAX_L1_SIZE_BYTES};
+use crate::header::{Header, MAX_CLUSTER_BITS, V3_MIN_HEADER_LENGTH, autoclear, crypt};
+use crate::meta::Meta;
+use crate::refcount;
+use crate::snapshot::{self, BitmapInfo, SnapshotInfo};
+
+/// QEMU's default maximum L2 cache (`DEFAULT_L2_CACHE_MAX_SIZE`, 32 MiB on Linux).
+pub const DEFAULT_L2_CACHE_MAX: u64 = 32 << 20;
+
+/// Options for [`Qcow2::open`].
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// Refuse writes.
+    pub read_only: bool,
+    /// L2 cache size in bytes (QEMU's `l2-cache-size`); default: enough for the whole disk,
+    /// at most 32 MiB.
+    pub l2_cache_size: Option<u64>,
+    /// Refcount block cache size in bytes (`refcount-cache-size`); default: a quarter of the
+    /// L2 cache, at least 4 clusters.
+    pub refcount_cache_size: Option<u64>,
+}
+
+/// What `qemu-img info` shows under "Format specific information".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FormatInfo {
+    /// `"1.1"` (v3) or `"0.10"` (v2).
+    pub compat: String,
+    /// Compression type of compressed clusters.
+    pub compression_type: CompressionType,
+    /// Lazy refcounts enabled.
+    pub lazy_refcounts: bool,
+    /// Refcount width in bits.
+    pub refcount_bits: u32,
+    /// The corrupt bit is set.
+    pub corrupt: bool,
+    /// Extended L2 entries.
+    pub extended_l2: bool,
+    /// External data file name, if any.
+    pub data_file: Option<String>,
+    /// The external data file is a consistent raw image.
+    pub data_file_raw: bool,
+    /// Persistent bitmaps.
+    pub bitmaps: Vec<BitmapInfo>,
+    /// Internal snapshots.
+    pub snapshots: Vec<SnapshotInfo>,
+}
+
+/// Data requests in flight, by epoch (see `meta::PendingFree`).
+#[derive(Debug, Default)]
+pub(crate) struct IoTracker {
+    epoch: u64,
+    active: BTreeMap<u64, usize>,
+}
+
+/// Registration of a data request; dropping it ends the registration.
+#[derive(Debug)]
+pub(crate) struct IoGuard<'a> {
+    tracker: &'a StdMutex<IoTracker>,
+    epoch: u64,
+}
+
+impl Drop for IoGuard<'_> {
+    fn drop(&mut self) {
+        let mut t = self.tracker.lock().unwrap();
+        if let Some(n) = t.active.get_mut(&self.epoch) {
+            *n -= 1;
+            if *n == 0 {
+                t.active.remove(&self.epoch);
+            }
+        }
+    }
+}
+
+/// Guest clusters being allocated by a write that has not updated L2 yet.
+#[derive(Debug, Default)]
+pub(crate) struct Inflight {
+    next_id: u64,
+    list: Vec<(u64, u64, u64, watch::Sender<()>)>,
+}
+
+/// Reservation of guest clusters `[first, end)`; dropping it wakes waiters.
+#[derive(Debug)]
+pub(crate) struct AllocGuard<'a> {
+    inflight: &'a StdMutex<Inflight>,
+    id: u64,
+}
+
+impl Drop for AllocGuard<'_> {
+    fn drop(&mut self) {
+        self.inflight
+            .lock()
+            .unwrap()
+            .list
+            .retain(|(id, ..)| *id != self.id);
+    }
+}
+
+/// An open qcow2 image.
+#[derive(Debug)]
+pub struct Qcow2 {
+    pub(crate) file: NodeRef,
+    pub(crate) data_file: Option<NodeRef>,
+    pub(crate) backing: Option<NodeRef>,
+    pub(crate) read_only: bool,
+    pub(crate) fmt: EntryFormat,
+    pub(crate) cs: u64,
+    pub(crate) compression: CompressionType,
+    pub(crate) size: AtomicU64,
+    pub(crate) meta: Mutex<Meta>,
+    pub(crate) io: StdMutex<IoTracker>,
+    pub(crate) inflight: StdMutex<Inflight>,
+    /// Set once a metadata check failed during a write: further writes fail.
+    pub(crate) broken: AtomicBool,
+    pub(crate) snapshots: Vec<SnapshotInfo>,
+    pub(crate) bitmaps: Vec<BitmapInfo>,
+    pub(crate) published: Arc<StdMutex<Header>>,
+}
+
+/// Read and parse the header of a qcow2 image (so a chain opener can learn the backing
+/// file, its format and the data file before opening).
+pub async fn read_header(file: &NodeRef) -> Result<Header> {
+    let head = file
+        .read(0, IoBuf::zeroed(V3_MIN_HEADER_LENGTH as usize))
+        .await?;
+    let bits = u32::from_be_bytes(head[20..24].try_into().unwrap());
+    let len = if (9..=MAX_CLUSTER_BITS).contains(&bits) {
+        1usize << bits
+    } else {
+        V3_MIN_HEADER_LENGTH as usize
+    };
+    let first = file.read(0, IoBuf::zeroed(len)).await?;
+    Header::parse(&first)
+}
+
+impl Qcow2 {
+    /// Open an image stored in `file`, with its backing node (if the image has a backing file
+    /// and the caller opened it) and external data file node.
+    pub async fn open(
+        file: NodeRef,
+        opts: &OpenOptions,
+        backing: Option<NodeRef>,
+        data_file: Option<NodeRef>,
+    ) -> Result<Arc<Qcow2>> {
+        let mut h = read_header(&file).await?;
+        let read_only = opts.read_only || file.read_only();
+        if h.crypt_method != crypt::NONE {
+            return Err(Error::unsupported(
+                "Encrypted qcow2 images are not supported",
+            ));
+        }
+        if h.is_corrupt() && !read_only {
+            return Err(Error::new(
+                ErrorKind::ReadOnly,
+                "qcow2: Image is corrupt; cannot be opened read/write",
+            ));
+        }
+        if h.is_dirty() && !read_only {
+            // Lazy refcounts were in use and the image was not closed cleanly: rebuild the
+            // refcounts before writing, as QEMU does on a read-write open.
+            crate::check::repair_dirty(&file).await?;
+            h = read_header(&file).await?;
+        }
+        if h.has_data_file() && data_file.is_none() {
+            return Err(Error::invalid("'data-file' is required for this image"));
+        }
+        if !h.has_data_file() && data_file.is_some() {
+            return Err(Error::invalid(
+                "'data-file' can only be set for images with an external data file",
+            ));
+        }
+        if let Some(df) = &data_file
+            && !read_only
+            && df.read_only()
+        {
+            return Err(Error::new(ErrorKind::ReadOnly, "data file is read-only"));
+        }
+        let cs = h.cluster_size();
+        let fmt = EntryFormat {
+            cluster_bits: h.cluster_bits,
+            extended_l2: h.extended_l2(),
+            external_data_file: h.has_data_file(),
+        };
+        let l1_bytes = u64::from(h.l1_size) * 8;
+        debug_assert!(l1_bytes <= MAX_L1_SIZE_BYTES);
+        let l1 = read_u64s(&*file, h.l1_table_offset, l1_bytes).await?;
+        let rt = read_u64s(
+            &*file,
+            h.refcount_table_offset,
+            u64::from(h.refcount_table_clusters) * cs,
+        )
+        .await?;
+        let snapshots = snapshot::read_snapshots(&*file, &h).await?;
+        let mut bitmaps = snapshot::read_bitmaps(&*file, &h).await?;
+        if !read_only && snapshot::mark_auto_bitmaps_in_use(&*file, &h).await? {
+            bitmaps = snapshot::read_bitmaps(&*file, &h).await?;
+        }
+
+        let l2_needed = h.l1_entries_for_size(h.size).max(1) * cs;
+        let l2_bytes = opts
+            .l2_cache_size
+            .unwrap_or_else(|| l2_needed.min(DEFAULT_L2_CACHE_MAX));
+        let l2_tables = (l2_bytes / cs).max(2) as usize;
+        let rb_tables = opts
+            .refcount_cache_size
+            .map_or(l2_tables / 4, |b| (b / cs) as usize)
+            .max(4);
+
+        let mut snapshot_l1s: Vec<(u64, u64)> = snapshots
+            .iter()
+            .map(|s| (s.l1_table_offset, u64::from(s.l1_size) * 8))
+            .collect();
+        snapshot_l1s.retain(|&(_, l)| l > 0);
+        let mut bitmap_areas = Vec::new();
+        if let Some(b) = h.bitmaps {
+            bitmap_areas.push((b.bitmap_directory_offset, b.bitmap_directory_size));
+        }
+        for b in &bitmaps {
+            bitmap_areas.push((b.table_offset, u64::from(b.table_size) * 8));
+        }
+        let snapshot_table = (
+            h.snapshots_offset,
+            snapshot::snapshot_table_size(&h, &snapshots),
+        );
+        let rc_bits = h.refcount_bits();
+        let file_end = file.size().next_multiple_of(cs);
+        if !read_only {
+            // Tables we may write back must lie inside the file (a hostile offset would
+            // otherwise grow it to petabytes).
+            for (name, off, len) in [
+                ("Active L1 table", h.l1_table_offset, l1_bytes),
+                (
+                    "Reference count table",
+                    h.refcount_table_offset,
+                    u64::from(h.refcount_table_clusters) * cs,
+                ),
+            ] {
+                if len > 0 && off.saturating_add(len) > file_end {
+                    return Err(Error::corrupt(format!(
+                        "{name} is past the end of the image file"
+                    )));
+                }
+            }
+        }
+        let mut meta = Meta {
+            file: file.clone(),
+            fmt,
+            cs,
+            l1,
+            l2: TableCache::new(l2_tables),
+            rt,
+            rb: TableCache::new(rb_tables),
+            rb_entries: refcount::entries_per_block(cs, rc_bits),
+            rc_bits,
+            free_hint: 0,
+            pending: Vec::new(),
+            file_end,
+            incr_unsynced: false,
+            lazy: false,
+            read_only,
+            snapshot_l1s,
+            snapshot_table,
+            bitmap_areas,
+            free_byte_offset: 0,
+            published: Arc::new(StdMutex::new(h.clone())),
+            h,
+        };
+        if !read_only && meta.h.autoclear_features & !autoclear::MASK != 0 {
+            // Unknown auto-clear features: we may write only after clearing them.
+            meta.h.autoclear_features &= autoclear::MASK;
+            meta.write_header().await?;
+            meta.sync().await?;
+        }
+        let size = meta.h.size;
+        let published = meta.published.clone();
+        Ok(Arc::new(Qcow2 {
+            published,
+            file,
+            data_file,
+            backing,
+            read_only,
+            fmt,
+            cs,
+            compression: meta.h.compression_type,
+            size: AtomicU64::new(size),
+            meta: Mutex::new(meta),
+            io: StdMutex::new(IoTracker::default()),
+            inflight: StdMutex::new(Inflight::default()),
+            broken: AtomicBool::new(false),
+            snapshots,
+            bitmaps,
+        }))
+    }
+
+    /// A copy of the header as last written.
+    pub fn header(&self) -> Header {
+        self.published.lock().unwrap().clone()
+    }
+
+    /// Format-specific information for `info`.
+    pub fn format_info(&self) -> FormatInfo {
+        let h = self.header();
+        FormatInfo {
+            compat: h.compat_str().to_string(),
+            compression_type: h.compression_type,
+            lazy_refcounts: h.lazy_refcounts(),
+            refcount_bits: h.refcount_bits(),
+            corrupt: h.is_corrupt(),
+            extended_l2: h.extended_l2(),
+            data_file: h.data_file.clone(),
+            data_file_raw: h.data_file_raw(),
+            bitmaps: self.bitmaps.clone(),
+            snapshots: self.snapshots.clone(),
+        }
+    }
+
+    /// Rewrite the backing file name and format in the header (what `rebase -u` and commit
+    /// need). `None` removes the backing file.
+    pub async fn set_backing(&self, file: Option<&str>, format: Option<&str>) -> Result<()> {
+        self.check_writable()?;
+        let mut m = self.meta.lock().await;
+        if file.is_some() && m.h.data_file_raw() {
+            return Err(Error::invalid(
+                "Cannot set a backing file on an image with a raw external data file",
+            ));
+        }
+        if let Some(f) = format
+            && f.len() >= 16
+        {
+            return Err(Error::invalid(format!("Backing format name too long: {f}")));
+        }
+        let mut h = m.h.clone();
+        h.backing_file = file.map(str::to_string);
+        h.backing_format = file.and(format).map(str::to_string);
+        // Fails (without writing) if the result does not fit in the first cluster.
+        let bytes = h.serialize(m.cs)?;
+        m.write_at(0, &bytes).await?;
+        m.sync().await?;
+        m.h = Header::parse(&bytes)?;
+        m.publish();
+        Ok(())
+    }
+
+    /// The node guest data lives in (the external data file, or the image file).
+    pub(crate) fn data_node(&self) -> &NodeRef {
+        self.data_file.as_ref().unwrap_or(&self.file)
+    }
+
+    pub(crate) fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::new(ErrorKind::ReadOnly, "Image is read-only"));
+        }
+        if self.broken.load(Ordering::Acquire) {
+            return Err(Error::new(
+                ErrorKind::Io(libc::EIO),
+                "Image is corrupt; further writes are refused",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Register a data request (call with the metadata lock held, after the lookup).
+    pub(crate) fn io_begin(&self) -> IoGuard<'_> {
+        let mut t = self.io.lock().unwrap();
+        let epoch = t.epoch;
+        *t.active.entry(epoch).or_insert(0) += 1;
+        IoGuard {
+            tracker: &self.io,
+            epoch,
+        }
+    }
+
+    /// Start a new epoch; returns the last one (requests registered so far have epoch <= it).
+    pub(crate) fn bump_epoch(&self) -> u64 {
+        let mut t = self.io.lock().unwrap();
+        t.epoch += 1;
+        t.epoch - 1
+    }
+
+    /// Lowest epoch of a request still in flight (`u64::MAX` if none: every freed cluster
+    /// is then safe from stale requests).
+    pub(crate) fn min_active_epoch(&self) -> u64 {
+        let t = self.io.lock().unwrap();
+        t.active.keys().next().copied().unwrap_or(u64::MAX)
+    }
+
+    /// A receiver to wait on if guest clusters `[first, end)` are being allocated.
+    pub(crate) fn inflight_conflict(&self, first: u64, end: u64) -> Option<watch::Receiver<()>> {
+        let f = self.inflight.lock().unwrap();
+        f.list
+            .iter()
+            .find(|(_, a, b, _)| *a < end && first < *b)
+            .map(|(.., tx)| tx.subscribe())
+    }
+
+    /// Reserve guest clusters `[first, end)` for an allocating write.
+    pub(crate) fn reserve(&self, first: u64, end: u64) -> AllocGuard<'_> {
+        let mut f = self.inflight.lock().unwrap();
+        let id = f.next_id;
+        f.next_id += 1;
+        let (tx, _) = watch::channel(());
+        f.list.push((id, first, end, tx));
+        AllocGuard {
+            inflight: &self.inflight,
+            id,
+        }
+    }
+
+    /// Wait until no allocation overlaps guest clusters `[first, end)`, then return the
+    /// metadata lock.
+    pub(crate) async fn lock_clusters(
+        &self,
+        first: u64,
+        end: u64,
+    ) -> tokio::sync::MutexGuard<'_, Meta> {
+        loop {
+            let m = self.meta.lock().await;
+            match self.inflight_conflict(first, end) {
+                None => return m,
+                Some(mut rx) => {
+                    drop(m);
+                    // Returns when the sender (the reservation) is dropped.
+                    let _ = rx.changed().await;
+                }
+            }
+        }
+    }
+
+    /// Turn a metadata error found while writing into a corruption event (QEMU's
+    /// `qcow2_signal_corruption`): set the corrupt bit and refuse further writes.
+    pub(crate) async fn signal(&self, m: &mut Meta, e: Error) -> Error {
+        if e.kind() == ErrorKind::Corrupt && !self.read_only {
+            self.broken.store(true, Ordering::Release);
+            return m.mark_corrupt(e.message()).await;
+        }
+        e
+    }
+
+    /// Flush and leave the image clean: clears the dirty bit if lazy refcounts set it.
+    pub async fn close_image(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.do_flush().await?;
+        let mut m = self.meta.lock().await;
+        if m.lazy {
+            m.lazy = false;
+            m.set_dirty(false).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn read_u64s(file: &dyn BlockNode, offset: u64, bytes: u64) -> Result<Vec<u64>> {
+    let len = usize::try_from(bytes).map_err(|_| Error::invalid("table too large"))?;
+    let buf = file.read(offset, IoBuf::zeroed(len)).await?;
+    Ok(buf
+        .chunks_exact(8)
+        .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
+        .collect())
+}
+
+impl BlockNode for Qcow2 {
+    fn driver(&self) -> &'static str {
+        "qcow2"
+    }
+
+    fn filename(&self) -> String {
+        self.file.filename()
+    }
+
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read(&self, offset: u64, buf: IoBuf) -> BoxFuture<'_, IoBuf> {
+        Box::pin(self.do_read(offset, buf))
+    }
+
+    fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BoxFuture<'_, IoBuf> {
+        Box::pin(async move {
+            let buf = self.do_write(offset, buf).await?;
+            if flags.fua {
+                self.do_flush().await?;
+            }
+            Ok(buf)
+        })
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BoxFuture<'_, ()> {
+        Box::pin(self.do_write_zeroes(offset, len, flags))
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> BoxFuture<'_, ()> {
+        Box::pin(self.do_discard(offset, len))
+    }
+
+    fn flush(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {
+            if self.read_only {
+                return Ok(());
+            }
+            self.do_flush().await
+        })
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> BoxFuture<'_, Extent> {
+        Box::pin(self.do_block_status(offset, len))
+    }
+
+    fn truncate(&self, size: u64, prealloc: Prealloc) -> BoxFuture<'_, ()> {
+        Box::pin(self.resize(size, prealloc))
+    }
+
+    fn backing(&self) -> Option<NodeRef> {
+        self.backing.clone()
+    }
+
+    fn file(&self) -> Option<NodeRef> {
+        Some(self.file.clone())
+    }
+
+    fn allocated_size(&self) -> BoxFuture<'_, Option<u64>> {
+        self.file.allocated_size()
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.close_image())
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
