@@ -1,0 +1,184 @@
+//! `amend [-f fmt] [-t cache] [--force] [-p] [-q] -o options filename`: change qcow2 header
+//! options in place.
+
+use crate::cli::{CacheMode, CmdResult, Fail, parse_cache};
+use crate::open::OpenOpts;
+use crate::options::Opts;
+use crate::progress::Progress;
+
+/// Flags of `amend`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Options to change
+    #[arg(short = 'o', long = "options")]
+    options: Vec<String>,
+    /// Image format (default: probing is used)
+    #[arg(short = 'f', long = "format")]
+    fmt: Option<String>,
+    /// Cache mode (default: writeback)
+    #[arg(short = 't', long = "cache", default_value = "writeback")]
+    cache: String,
+    /// Allow certain unsafe operations
+    #[arg(long = "force")]
+    force: bool,
+    /// Show progress
+    #[arg(short = 'p', long = "progress")]
+    progress: bool,
+    /// Quiet mode
+    #[arg(short = 'q', long = "quiet")]
+    quiet: bool,
+    /// FILENAME
+    #[arg(value_name = "FILENAME")]
+    args: Vec<String>,
+}
+
+/// Run `amend`.
+pub fn run(a: Args) -> CmdResult {
+    let Some(options) = crate::options::accumulate(&a.options)? else {
+        return Err(Fail::usage("Must specify options (-o)"));
+    };
+    let progress = a.progress && !a.quiet;
+    let help = crate::options::has_help(&options);
+    if let Some(fmt) = &a.fmt
+        && help
+    {
+        return print_help(fmt);
+    }
+    let [filename] = a.args.as_slice() else {
+        return Err(Fail::msg("Expecting one image file name"));
+    };
+    let Some(cache) = parse_cache(&a.cache) else {
+        return Err(Fail::msg(format!("Invalid cache option: {}", a.cache)));
+    };
+    exec(
+        filename,
+        a.fmt.as_deref(),
+        &options,
+        cache,
+        a.force,
+        progress,
+        help,
+    )
+}
+
+/// Amend's `-o help`.
+fn print_help(fmt: &str) -> CmdResult {
+    if !crate::options::is_known_format(fmt) {
+        return Err(Fail::msg(format!("Unknown file format '{fmt}'")));
+    }
+    if crate::options::amend_opts(fmt).is_none() {
+        return Err(Fail::msg(format!(
+            "Format driver '{fmt}' does not support option amendment"
+        )));
+    }
+    print!("{}", crate::options::amend_help_text(fmt));
+    Ok(0)
+}
+
+/// Carry out the amendment.
+fn exec(
+    filename: &str,
+    fmt: Option<&str>,
+    options: &str,
+    cache: CacheMode,
+    force: bool,
+    progress: bool,
+    help: bool,
+) -> CmdResult {
+    let _ = force;
+    let bar = Progress::new(progress, 1.0);
+    let rt = crate::open::runtime()?;
+    let res = rt.block_on(async {
+        let o = OpenOpts {
+            fmt: fmt.map(str::to_string),
+            read_only: false,
+            cache,
+            ..Default::default()
+        };
+        let img = crate::open::open(filename, &o).await?;
+        let res = amend(&img, options, help, &bar).await;
+        let closed = img.close().await;
+        res?;
+        closed.map(|()| 0)
+    });
+    bar.end();
+    res
+}
+
+async fn amend(img: &crate::open::Image, options: &str, help: bool, bar: &Progress) -> CmdResult {
+    let node = img.node();
+    let fmt = node.driver();
+    if help {
+        return print_help(fmt);
+    }
+    let (Some(q), Some(desc)) = (img.qcow2(), crate::options::amend_opts(fmt)) else {
+        return Err(Fail::msg(format!(
+            "Format driver '{fmt}' does not support option amendment"
+        )));
+    };
+    let mut opts = Opts::new(desc.to_vec());
+    if let Err(e) = opts.parse(options) {
+        // Say so when the option exists, but only for creation.
+        let mut create = Opts::new(crate::options::create_opts(fmt));
+        let hint = if create.parse(options).is_ok() {
+            "\nThis option is only supported for image creation"
+        } else {
+            ""
+        };
+        return Err(Fail::msg(format!("{e}{hint}")));
+    }
+    bar.print(0.0, 0);
+    let h = q.header();
+    let fi = q.format_info();
+    let backing = opts.get_str("backing_file");
+    let backing_fmt = opts.get_str("backing_fmt");
+    if (backing.is_some() || backing_fmt.is_some())
+        && (backing != h.backing_file || backing_fmt != h.backing_format)
+    {
+        return Err(Fail::msg(
+            "Cannot amend the backing file\nYou can use 'strata rebase' instead.",
+        ));
+    }
+    // Options whose change the qcow2 driver cannot make yet: accept them when they ask for
+    // what the image already has.
+    let unchanged = |key: &str| -> Result<(), Fail> {
+        let same = match key {
+            "compat" => match opts.get_str("compat").as_deref() {
+                Some("1.1") | Some("v3") => fi.compat == "1.1",
+                Some("0.10") | Some("v2") => fi.compat == "0.10",
+                Some(v) => {
+                    return Err(Fail::msg(format!("Unknown compatibility level {v}")));
+                }
+                None => true,
+            },
+            "lazy_refcounts" => opts.get_bool(key).is_none_or(|v| v == fi.lazy_refcounts),
+            "refcount_bits" => opts
+                .get_num(key)
+                .is_none_or(|v| v == u64::from(fi.refcount_bits)),
+            "data_file" => opts.get_str(key).is_none_or(|v| Some(v) == fi.data_file),
+            "data_file_raw" => opts.get_bool(key).is_none_or(|v| v == fi.data_file_raw),
+            _ => !opts.has(key),
+        };
+        if same {
+            Ok(())
+        } else {
+            Err(Fail::msg(format!(
+                "amend: changing '{key}' is not implemented yet"
+            )))
+        }
+    };
+    for key in opts.keys().collect::<Vec<_>>() {
+        if !matches!(key, "size" | "backing_file" | "backing_fmt") {
+            unchanged(key)?;
+        }
+    }
+    if let Some(size) = opts.get_num("size")
+        && size != node.size()
+    {
+        node.truncate(size, strata_core::Prealloc::Off)
+            .await
+            .map_err(Fail::from)?;
+    }
+    bar.print(100.0, 0);
+    Ok(0)
+}

@@ -1,0 +1,128 @@
+//! `check [-f fmt] [-T cache] [-r leaks|all] [-U] [--output=human|json] [-q] filename`.
+//!
+//! Exit statuses as qemu-img: 0 clean, 1 check not completed, 2 corruptions, 3 only leaks,
+//! 63 format without checks.
+
+use strata_qcow2::check::{self, RepairMode};
+
+use crate::cli::{CmdResult, Fail, OutputFormat, parse_cache, parse_output};
+
+/// Flags of `check`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Image format (default: probing is used)
+    #[arg(short = 'f', long = "format")]
+    fmt: Option<String>,
+    /// Cache mode (default: writeback)
+    #[arg(short = 'T', long = "cache", default_value = "writeback")]
+    cache: String,
+    /// Repair leaks or all errors
+    #[arg(short = 'r', long = "repair")]
+    repair: Option<String>,
+    /// Open in shared mode (accepted; images are not locked)
+    #[arg(short = 'U', long = "force-share")]
+    _force_share: bool,
+    /// Output format: human or json
+    #[arg(long = "output")]
+    output: Option<String>,
+    /// Quiet mode
+    #[arg(short = 'q', long = "quiet")]
+    quiet: bool,
+    /// FILENAME
+    #[arg(value_name = "FILENAME")]
+    args: Vec<String>,
+}
+
+/// What `-r` asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Repair {
+    /// Only look.
+    None,
+    /// Fix leaked clusters.
+    Leaks,
+    /// Fix leaks and corruptions.
+    All,
+}
+
+/// Run `check`.
+pub fn run(a: Args) -> CmdResult {
+    let repair = match a.repair.as_deref() {
+        None => Repair::None,
+        Some("leaks") => Repair::Leaks,
+        Some("all") => Repair::All,
+        Some(other) => {
+            return Err(Fail::usage(format!(
+                "--repair (-r) expects 'leaks' or 'all' not '{other}'"
+            )));
+        }
+    };
+    let output = parse_output(a.output.as_deref())?;
+    let [filename] = a.args.as_slice() else {
+        return Err(Fail::usage("Expecting one image file name"));
+    };
+    let Some(cache) = parse_cache(&a.cache) else {
+        return Err(Fail::msg(format!(
+            "Invalid source cache option: {}",
+            a.cache
+        )));
+    };
+    exec(filename, a.fmt.as_deref(), cache, repair, output, a.quiet)
+}
+
+/// Carry out the check on the protocol node (a damaged image must not need a full open).
+fn exec(
+    filename: &str,
+    fmt: Option<&str>,
+    cache: crate::cli::CacheMode,
+    repair: Repair,
+    output: OutputFormat,
+    quiet: bool,
+) -> CmdResult {
+    let rt = crate::open::runtime()?;
+    rt.block_on(async {
+        let opts = crate::open::OpenOpts {
+            fmt: Some("file".to_string()),
+            read_only: repair == Repair::None,
+            cache,
+            ..Default::default()
+        };
+        let file = crate::open::open(filename, &opts).await?;
+        let node = file.node();
+        let format = match fmt {
+            Some(f) => f.to_string(),
+            None => crate::open::probe_format(&node)
+                .await
+                .map_err(|e| Fail::msg(format!("Could not open '{filename}': {e}")))?
+                .to_string(),
+        };
+        if format != "qcow2" {
+            if crate::options::is_known_format(&format) {
+                return Err(Fail::msg("This image format does not support checks").with_code(63));
+            }
+            return Err(Fail::msg(format!(
+                "Could not open '{filename}': Unknown driver '{format}'"
+            )));
+        }
+        let mode = match repair {
+            Repair::None => None,
+            Repair::Leaks => Some(RepairMode::Leaks),
+            Repair::All => Some(RepairMode::All),
+        };
+        let report = check::check(&node, mode)
+            .await
+            .map_err(|e| Fail::msg(format!("Could not open '{filename}': {e}")))?;
+        for m in &report.messages {
+            eprintln!("{m}");
+        }
+        let text = match output {
+            OutputFormat::Human => report.render_human(),
+            OutputFormat::Json => report.render_json(filename),
+        };
+        crate::qprint!(quiet, "{text}");
+        file.close().await?;
+        if let Some(line) = report.failure_line() {
+            return Err(Fail::msg(line));
+        }
+        Ok(report.exit_code())
+    })
+}

@@ -1,0 +1,219 @@
+//! `commit [-f fmt] [-t cache] [-b base] [-d] [-r rate] [-p] [-q] filename`: copy the top
+//! image's data into its backing file (or `base`), then empty the top unless `-d`/`-b`.
+
+use std::sync::Arc;
+
+use strata_core::NodeRef;
+use strata_graph::{CopyOptions, TargetInit, copy_image};
+
+use crate::cli::{CacheMode, CmdResult, Fail, parse_cache};
+use crate::open::OpenOpts;
+use crate::progress::Progress;
+use crate::units::cvtnum;
+
+/// Flags of `commit`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Image format (default: probing is used)
+    #[arg(short = 'f', long = "format")]
+    fmt: Option<String>,
+    /// Cache mode (default: writeback)
+    #[arg(short = 't', long = "cache", default_value = "writeback")]
+    cache: String,
+    /// Commit into this image of the backing chain (implies -d)
+    #[arg(short = 'b', long = "base")]
+    base: Option<String>,
+    /// Do not empty the top image afterwards
+    #[arg(short = 'd', long = "drop")]
+    drop: bool,
+    /// I/O rate limit (bytes per second)
+    #[arg(short = 'r', long = "rate-limit")]
+    rate: Option<String>,
+    /// Show progress
+    #[arg(short = 'p', long = "progress")]
+    progress: bool,
+    /// Quiet mode
+    #[arg(short = 'q', long = "quiet")]
+    quiet: bool,
+    /// FILENAME
+    #[arg(value_name = "FILENAME")]
+    args: Vec<String>,
+}
+
+/// Run `commit`.
+pub fn run(a: Args) -> CmdResult {
+    let rate = match &a.rate {
+        Some(r) => Some(cvtnum("rate limit", r, true)? as u64),
+        None => None,
+    };
+    let [filename] = a.args.as_slice() else {
+        return Err(Fail::usage("Expecting one image file name"));
+    };
+    let Some(cache) = parse_cache(&a.cache) else {
+        return Err(Fail::msg(format!("Invalid cache option: {}", a.cache)));
+    };
+    let drop = a.drop || a.base.is_some();
+    let progress = a.progress && !a.quiet;
+    exec(
+        filename,
+        a.fmt.as_deref(),
+        cache,
+        a.base.as_deref(),
+        drop,
+        rate,
+        progress,
+        a.quiet,
+    )
+}
+
+/// Carry out the commit.
+#[allow(clippy::too_many_arguments)]
+fn exec(
+    filename: &str,
+    fmt: Option<&str>,
+    cache: CacheMode,
+    base: Option<&str>,
+    drop: bool,
+    rate: Option<u64>,
+    progress: bool,
+    quiet: bool,
+) -> CmdResult {
+    // The rate limit only paces a job; offline we copy at full speed.
+    let _ = rate;
+    let bar = Arc::new(Progress::new(progress, 1.0));
+    let rt = crate::open::runtime()?;
+    let res = rt.block_on(commit(filename, fmt, cache, base, drop, bar.clone()));
+    bar.end();
+    res?;
+    crate::qprint!(quiet, "Image committed.\n");
+    Ok(0)
+}
+
+async fn commit(
+    filename: &str,
+    fmt: Option<&str>,
+    cache: CacheMode,
+    base: Option<&str>,
+    drop: bool,
+    bar: Arc<Progress>,
+) -> Result<(), Fail> {
+    let opts = OpenOpts {
+        fmt: fmt.map(str::to_string),
+        read_only: false,
+        cache,
+        backing_writable: true,
+        ..Default::default()
+    };
+    let img = crate::open::open(filename, &opts).await?;
+    bar.print(0.0, 100);
+    let top = img.node();
+    let res = commit_into_base(&top, filename, base, bar.clone()).await;
+    let closed = img.close().await;
+    res?;
+    closed?;
+    if !drop {
+        make_empty(filename, cache).await?;
+    }
+    Ok(())
+}
+
+/// Find the base node and its file name: `-b base` or the immediate backing file.
+fn find_base(top: &NodeRef, filename: &str, base: Option<&str>) -> Result<NodeRef, Fail> {
+    match base {
+        None => top
+            .backing()
+            .ok_or_else(|| Fail::msg("Image does not have a backing file")),
+        Some(b) => {
+            let want = std::fs::canonicalize(b).ok();
+            let mut cur = top.backing();
+            while let Some(n) = cur {
+                let name = n.filename();
+                if name == b || (want.is_some() && std::fs::canonicalize(&name).ok() == want) {
+                    return Ok(n);
+                }
+                cur = n.backing();
+            }
+            Err(Fail::msg(format!(
+                "Did not find '{b}' in the backing chain of '{filename}'"
+            )))
+        }
+    }
+}
+
+async fn commit_into_base(
+    top: &NodeRef,
+    filename: &str,
+    base: Option<&str>,
+    bar: Arc<Progress>,
+) -> Result<(), Fail> {
+    let base_node = find_base(top, filename, base)?;
+    let failed = |e: strata_core::Error| Fail::msg(format!("Block job failed: {e}"));
+    let base_len = base_node.size();
+    if base_len < top.size() {
+        base_node
+            .truncate(top.size(), strata_core::Prealloc::Off)
+            .await
+            .map_err(failed)?;
+    }
+    let report = bar.clone();
+    let copy = CopyOptions {
+        base: Some(base_node.clone()),
+        target_init: TargetInit::Backing { len: base_len },
+        progress: Some(Arc::new(move |done, total| {
+            report.set_fraction(done, total)
+        })),
+        ..Default::default()
+    };
+    copy_image(top, &base_node, &copy).await.map_err(failed)?;
+    base_node.flush().await.map_err(failed)?;
+    bar.print(100.0, 0);
+    Ok(())
+}
+
+/// Empty the top image so that it reads through to its backing file again (QEMU's
+/// `blk_make_empty`). Like QEMU's `make_completely_empty`, a v3 qcow2 image without
+/// snapshots, bitmaps or data file is rebuilt empty with the same options; other images are
+/// left as they are, which is safe since the base now holds the same data.
+async fn make_empty(filename: &str, cache: CacheMode) -> Result<(), Fail> {
+    let opts = OpenOpts {
+        fmt: Some("file".to_string()),
+        read_only: false,
+        cache,
+        ..Default::default()
+    };
+    let file = crate::open::open(filename, &opts).await?;
+    let node = file.node();
+    let res = async {
+        if crate::open::probe_format(&node).await? != "qcow2" {
+            return Ok(());
+        }
+        let h = strata_qcow2::read_header(&node).await?;
+        if h.version < 3
+            || h.nb_snapshots > 0
+            || h.bitmaps.is_some()
+            || h.has_data_file()
+            || h.crypt_method != 0
+        {
+            return Ok(());
+        }
+        let co = strata_qcow2::CreateOptions {
+            size: h.size,
+            cluster_size: h.cluster_size(),
+            compat_v3: true,
+            refcount_bits: h.refcount_bits(),
+            extended_l2: h.extended_l2(),
+            lazy_refcounts: h.lazy_refcounts(),
+            compression_type: h.compression_type,
+            preallocation: strata_core::Prealloc::Off,
+            backing_file: h.backing_file.clone(),
+            backing_format: h.backing_format.clone(),
+            data_file: None,
+            data_file_raw: false,
+        };
+        strata_qcow2::create(&node, &co, None).await
+    }
+    .await;
+    let closed = file.close().await;
+    res.map_err(|e| Fail::msg(e.to_string()))?;
+    closed
+}

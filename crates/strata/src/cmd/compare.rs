@@ -1,0 +1,85 @@
+//! `compare [-f fmt] [-F fmt] [-s] [-T cache] [-U] [-p] [-q] file1 file2`: exit 0 when the
+//! images read the same, 1 when they differ, 2 and more on errors.
+
+use std::sync::Arc;
+
+use strata_graph::compare::CompareOptions;
+
+use crate::cli::{CmdResult, Fail, parse_cache};
+use crate::progress::Progress;
+
+/// Flags of `compare`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Format of the first image
+    #[arg(short = 'f', long = "a-format")]
+    fmt1: Option<String>,
+    /// Format of the second image
+    #[arg(short = 'F', long = "b-format")]
+    fmt2: Option<String>,
+    /// Strict mode: sizes and allocation must match too
+    #[arg(short = 's', long = "strict")]
+    strict: bool,
+    /// Cache mode (default: writeback)
+    #[arg(short = 'T', long = "cache", default_value = "writeback")]
+    cache: String,
+    /// Open in shared mode (accepted; images are not locked)
+    #[arg(short = 'U', long = "force-share")]
+    _force_share: bool,
+    /// Show progress
+    #[arg(short = 'p', long = "progress")]
+    progress: bool,
+    /// Quiet mode
+    #[arg(short = 'q', long = "quiet")]
+    quiet: bool,
+    /// FILENAME1 FILENAME2
+    #[arg(value_name = "FILENAME")]
+    args: Vec<String>,
+}
+
+/// Run `compare`.
+pub fn run(a: Args) -> CmdResult {
+    let [f1, f2] = a.args.as_slice() else {
+        return Err(Fail::usage("Expecting two image file names"));
+    };
+    let Some(cache) = parse_cache(&a.cache) else {
+        return Err(Fail::msg(format!("Invalid source cache option: {}", a.cache)).with_code(2));
+    };
+    let progress = a.progress && !a.quiet;
+    let bar = Arc::new(Progress::new(progress, 2.0));
+    let rt = crate::open::runtime()?;
+    let code = rt.block_on(async {
+        let open = |fmt: Option<String>| crate::open::OpenOpts {
+            fmt,
+            cache,
+            ..Default::default()
+        };
+        let img1 = crate::open::open(f1, &open(a.fmt1.clone()))
+            .await
+            .map_err(|f| f.with_code(2))?;
+        let img2 = crate::open::open(f2, &open(a.fmt2.clone()))
+            .await
+            .map_err(|f| f.with_code(2))?;
+        bar.print(0.0, 100);
+        let report = bar.clone();
+        let opts = CompareOptions {
+            strict: a.strict,
+            progress: Some(Arc::new(move |done, total| {
+                report.set_fraction(done, total)
+            })),
+        };
+        let outcome =
+            strata_graph::compare::compare_images(&img1.node(), f1, &img2.node(), f2, &opts).await;
+        let _ = img2.close().await;
+        let _ = img1.close().await;
+        match outcome {
+            Ok(o) => {
+                crate::qprint!(a.quiet, "{}", o.text());
+                Ok(o.exit_code())
+            }
+            Err(e) => Err(Fail::msg(e.error.message().to_string()).with_code(e.exit_code)),
+        }
+    });
+    bar.end();
+    code
+}

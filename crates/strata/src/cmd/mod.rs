@@ -1,0 +1,15 @@
+//! One module per subcommand: its flags (as qemu-img spells them) and its `run`.
+
+pub mod amend;
+pub mod check;
+pub mod commit;
+pub mod compare;
+pub mod convert;
+pub mod create;
+pub mod dd;
+pub mod info;
+pub mod map;
+pub mod measure;
+pub mod rebase;
+pub mod resize;
+pub mod snapshot;
