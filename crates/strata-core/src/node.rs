@@ -140,8 +140,9 @@ pub trait BlockNode: Send + Sync + fmt::Debug + Any {
     /// Make `[offset, offset + len)` read as zeroes.
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BoxFuture<'_, ()>;
 
-    /// Hint that `[offset, offset + len)` is unused; its content becomes unspecified (formats
-    /// with a backing node make it read from the backing node, as QEMU does).
+    /// Hint that `[offset, offset + len)` is unused; its content becomes unspecified. What it
+    /// then reads as is the format's choice, as in QEMU (qcow2 v3 reads zeroes, v2 falls
+    /// through to the backing node).
     fn discard(&self, offset: u64, len: u64) -> BoxFuture<'_, ()>;
 
     /// Make every completed write durable.
