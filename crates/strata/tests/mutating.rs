@@ -4,21 +4,6 @@
 mod common;
 use common::*;
 
-/// Run `args` with qemu-img in one directory and with strata in another (both prepared by
-/// `setup`), require the same stdout/stderr/status, and return both directories.
-fn both(setup: &dyn Fn(&std::path::Path), args: &[&str]) -> (tempfile::TempDir, tempfile::TempDir) {
-    let q = tmp();
-    let s = tmp();
-    setup(q.path());
-    setup(s.path());
-    let rq = qemu(q.path(), args);
-    let rs = strata(s.path(), args);
-    assert_eq!(rs, rq, "strata vs qemu-img for {args:?}");
-    (q, s)
-}
-
-fn nothing(_: &std::path::Path) {}
-
 /// A base image with data, a middle and a top overlay, and the flattened reference.
 fn chain(d: &std::path::Path) {
     qemu_ok(d, &["create", "-q", "-f", "qcow2", "base.qcow2", "64M"]);

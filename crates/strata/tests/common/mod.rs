@@ -103,3 +103,20 @@ pub fn p(dir: &Path, name: &str) -> String {
 pub fn qemu_compare(dir: &Path, a: &str, b: &str) -> i32 {
     qemu(dir, &["compare", a, b]).code
 }
+
+/// Run `args` with qemu-img in one directory and with strata in another (both prepared by
+/// `setup`), require the same stdout/stderr/status, and return both directories
+/// (qemu-img's first).
+pub fn both(setup: &dyn Fn(&Path), args: &[&str]) -> (tempfile::TempDir, tempfile::TempDir) {
+    let q = tmp();
+    let s = tmp();
+    setup(q.path());
+    setup(s.path());
+    let rq = qemu(q.path(), args);
+    let rs = strata(s.path(), args);
+    assert_eq!(rs, rq, "strata vs qemu-img for {args:?}");
+    (q, s)
+}
+
+/// A `setup` for [`both`] that prepares nothing.
+pub fn nothing(_: &Path) {}
