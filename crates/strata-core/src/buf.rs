@@ -142,7 +142,11 @@ impl IoBuf {
 
     /// Join views in order (see [`IoBuf::unsplit`]).
     pub fn join(parts: impl IntoIterator<Item = IoBuf>) -> IoBuf {
-        let mut out = IoBuf::zeroed(0);
+        let mut parts = parts.into_iter();
+        // Start from the first part: no allocation in the usual one-part case.
+        let Some(mut out) = parts.next() else {
+            return IoBuf::zeroed(0);
+        };
         for p in parts {
             out.unsplit(p);
         }

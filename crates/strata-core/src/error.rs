@@ -110,6 +110,11 @@ impl Error {
     }
 }
 
+/// C's `strerror(errno)`: the text QEMU prints after "...: " for a failed request.
+pub fn strerror(errno: i32) -> String {
+    strip_os_suffix(&io::Error::from_raw_os_error(errno))
+}
+
 /// `io::Error`'s Display appends " (os error N)"; QEMU prints only the strerror text.
 fn strip_os_suffix(e: &io::Error) -> String {
     let s = e.to_string();

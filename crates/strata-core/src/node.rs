@@ -83,6 +83,10 @@ pub struct BlockStatus {
     pub compressed: bool,
     /// Where the bytes live, as an offset into `host_node` (QEMU's `OFFSET_VALID`).
     pub host_offset: Option<u64>,
+    /// The answer is coarse: ask `host_node` at `host_offset` too, as it may know that parts
+    /// of the data read as zeroes (QEMU's `BDRV_BLOCK_RECURSE`, set by qcow2 on images with
+    /// metadata preallocation). `strata_graph`'s status walk resolves and clears it.
+    pub recurse: bool,
 }
 
 /// The answer to "how is `[offset, offset + len)` stored?": the first run of bytes that

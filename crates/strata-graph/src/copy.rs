@@ -170,6 +170,44 @@ pub struct CopyStats {
     pub bytes_skipped: u64,
 }
 
+/// Contexts [`copy_image`] puts before an error, each followed by a byte offset and ": ".
+const STATUS_CTX: &str = "error while reading block status at offset ";
+const READ_CTX: &str = "error while reading at byte ";
+const WRITE_CTX: &str = "error while writing at byte ";
+
+/// What a failed [`copy_image`] was doing, and at which byte of the source (the start of the
+/// chunk, as qemu-img reports it), so callers can word the failure like qemu-img does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyFailure {
+    /// Asking the source's block status.
+    BlockStatus(u64),
+    /// Reading the source.
+    Read(u64),
+    /// Writing (data or zeroes) to the target.
+    Write(u64),
+}
+
+impl CopyFailure {
+    /// The step an error of [`copy_image`] failed in and the error's own message (without
+    /// the step's context); `None` for errors from outside the data path (bad options).
+    pub fn of(e: &Error) -> Option<(CopyFailure, &str)> {
+        let msg = e.message();
+        [
+            (
+                STATUS_CTX,
+                CopyFailure::BlockStatus as fn(u64) -> CopyFailure,
+            ),
+            (READ_CTX, CopyFailure::Read),
+            (WRITE_CTX, CopyFailure::Write),
+        ]
+        .into_iter()
+        .find_map(|(ctx, step)| {
+            let (at, detail) = msg.strip_prefix(ctx)?.split_once(": ")?;
+            Some((step(at.parse().ok()?), detail))
+        })
+    }
+}
+
 /// How a planned range is handled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -333,11 +371,7 @@ impl Engine {
             let want = (limit - offset).min(MAX_ZERO_REQUEST);
             let ext = block_status_above(&self.source, self.opts.base.as_ref(), offset, want)
                 .await
-                .map_err(|e| {
-                    e.context(format!(
-                        "error while reading block status at offset {offset}"
-                    ))
-                })?;
+                .map_err(|e| e.context(format!("{STATUS_CTX}{offset}")))?;
             let st = ext.status;
             p.kind = self.classify(offset, st.allocated, st.data, st.zero);
             p.status_end = offset + ext.len.clamp(1, want);
@@ -431,10 +465,11 @@ impl Engine {
             if self.opts.min_sparse == 0 && self.is_zero_range(c.offset, c.len).await? {
                 view.fill(0);
             } else {
-                view =
-                    self.source.read(c.offset, view).await.map_err(|e| {
-                        e.context(format!("error while reading at byte {}", c.offset))
-                    })?;
+                view = self
+                    .source
+                    .read(c.offset, view)
+                    .await
+                    .map_err(|e| e.context(format!("{READ_CTX}{}", c.offset)))?;
                 self.read.fetch_add(c.len, Ordering::Relaxed);
             }
             data = Some(view);
@@ -483,6 +518,13 @@ impl Engine {
 
     /// Zero `[offset, offset + len)` on the target unless it reads zeroes already.
     async fn write_zero(&self, offset: u64, len: u64) -> Result<()> {
+        self.zero_target(offset, len)
+            .await
+            .map_err(|e| e.context(format!("{WRITE_CTX}{offset}")))
+    }
+
+    /// [`Self::write_zero`] without the error context.
+    async fn zero_target(&self, offset: u64, len: u64) -> Result<()> {
         let skip = match self.opts.target_init {
             TargetInit::Zero => true,
             TargetInit::Backing { len: blen } => offset >= blen,
@@ -496,10 +538,7 @@ impl Engine {
             may_unmap: true,
             no_fallback: false,
         };
-        self.target
-            .write_zeroes(offset, len, flags)
-            .await
-            .map_err(|e| e.context(format!("error while writing at byte {offset}")))?;
+        self.target.write_zeroes(offset, len, flags).await?;
         self.zeroed.fetch_add(len, Ordering::Relaxed);
         Ok(())
     }
@@ -520,15 +559,18 @@ impl Engine {
         for (is_data, n) in runs {
             let piece = rest.split_to(n);
             if is_data {
+                // Failures name the chunk's start, as qemu-img does.
                 let piece = self
                     .target
                     .write(at, piece, WriteFlags::default())
                     .await
-                    .map_err(|e| e.context(format!("error while writing at byte {at}")))?;
+                    .map_err(|e| e.context(format!("{WRITE_CTX}{offset}")))?;
                 self.wrote.fetch_add(n as u64, Ordering::Relaxed);
                 out.unsplit(piece);
             } else {
-                self.write_zero(at, n as u64).await?;
+                self.zero_target(at, n as u64)
+                    .await
+                    .map_err(|e| e.context(format!("{WRITE_CTX}{offset}")))?;
                 out.unsplit(piece);
             }
             at += n as u64;
@@ -556,7 +598,7 @@ impl Engine {
             } else {
                 c.write_compressed(at, piece)
                     .await
-                    .map_err(|e| e.context(format!("error while writing at byte {at}")))?;
+                    .map_err(|e| e.context(format!("{WRITE_CTX}{at}")))?;
                 self.wrote.fetch_add(n as u64, Ordering::Relaxed);
             }
             at += n as u64;
@@ -575,6 +617,23 @@ mod tests {
     use crate::testing::{FakeNode, Layer, State, chain};
 
     const M: u64 = 1 << 20;
+
+    #[test]
+    fn copy_failures_name_the_step() {
+        let e = Error::unsupported("no").context(format!("{WRITE_CTX}65536"));
+        assert_eq!(CopyFailure::of(&e), Some((CopyFailure::Write(65536), "no")));
+        let e = Error::corrupt("bad: really").context(format!("{READ_CTX}0"));
+        assert_eq!(
+            CopyFailure::of(&e),
+            Some((CopyFailure::Read(0), "bad: really"))
+        );
+        let e = Error::corrupt("x").context(format!("{STATUS_CTX}512"));
+        assert_eq!(
+            CopyFailure::of(&e),
+            Some((CopyFailure::BlockStatus(512), "x"))
+        );
+        assert_eq!(CopyFailure::of(&Error::invalid("target is smaller")), None);
+    }
 
     fn three_layers() -> Vec<NodeRef> {
         chain(&[

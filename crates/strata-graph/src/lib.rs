@@ -31,7 +31,9 @@ pub mod status;
 pub(crate) mod testing;
 
 pub use compare::{CompareFailure, CompareOptions, CompareOutcome, compare_images};
-pub use copy::{CompressedWrite, CopyOptions, CopyStats, Qcow2Compressed, TargetInit, copy_image};
+pub use copy::{
+    CompressedWrite, CopyFailure, CopyOptions, CopyStats, Qcow2Compressed, TargetInit, copy_image,
+};
 pub use drivers::cache::CacheFilter;
 pub use drivers::null::{NullNode, NullOptions};
 pub use drivers::raw::{RawNode, RawOptions};

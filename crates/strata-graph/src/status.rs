@@ -59,12 +59,49 @@ pub async fn layer_status(node: &NodeRef, offset: u64, len: u64) -> Result<Chain
         (None, Some(_)) => Some(node.clone()),
         (None, None) => None,
     };
+    let mut len = ext.len.clamp(1, len);
+    if status.recurse {
+        if status.data
+            && !status.zero
+            && let (Some(host), Some(hn)) = (status.host_offset, &host_node)
+            && !Arc::ptr_eq(hn, node)
+        {
+            len = recurse_into_host(hn, host, len, &mut status).await;
+        }
+        status.recurse = false;
+    }
     Ok(ChainExtent {
-        len: ext.len.clamp(1, len),
+        len,
         depth: 0,
         status,
         host_node,
     })
+}
+
+/// Refine a data run of `len` bytes stored at `host` in `hn` by what `hn` knows about that
+/// range (QEMU's `BDRV_BLOCK_RECURSE` handling in `bdrv_co_do_block_status`): holes there
+/// read as zeroes, and so does everything past its end. Returns the length the refined
+/// answer holds for. Errors only mean no refinement: the extra information is optional.
+async fn recurse_into_host(hn: &NodeRef, host: u64, len: u64, status: &mut BlockStatus) -> u64 {
+    let hsize = hn.size();
+    if host >= hsize {
+        // All past the end of the host node.
+        status.zero = true;
+        return len;
+    }
+    let want = len.min(hsize - host);
+    let Ok(h) = hn.block_status(host, want).await else {
+        return len;
+    };
+    let n = h.len.clamp(1, want);
+    if host + n == hsize && h.status.zero {
+        // A hole up to the end of the host node, and nothing stored past it.
+        status.zero = true;
+        len
+    } else {
+        status.zero |= h.status.zero;
+        n
+    }
 }
 
 /// Status of `[offset, offset + len)` as read from `top`, looking through backing nodes
@@ -183,6 +220,126 @@ mod tests {
         assert!(e.status.zero && !e.status.allocated);
         let e = layer_status(&c[0], 0, 1 << 20).await.unwrap();
         assert!(!e.status.zero && !e.status.allocated);
+    }
+
+    /// A format node whose every byte is data stored at the same offset of `host`, with
+    /// `recurse` set as qcow2 does for metadata-preallocated images.
+    #[derive(Debug)]
+    struct Preallocated {
+        host: NodeRef,
+        size: u64,
+        recurse: bool,
+    }
+
+    impl strata_core::BlockNode for Preallocated {
+        fn driver(&self) -> &'static str {
+            "preallocated"
+        }
+        fn filename(&self) -> String {
+            "preallocated".into()
+        }
+        fn size(&self) -> u64 {
+            self.size
+        }
+        fn read_only(&self) -> bool {
+            true
+        }
+        fn read(
+            &self,
+            _: u64,
+            _: strata_core::IoBuf,
+        ) -> strata_core::BoxFuture<'_, strata_core::IoBuf> {
+            unimplemented!()
+        }
+        fn write(
+            &self,
+            _: u64,
+            _: strata_core::IoBuf,
+            _: strata_core::WriteFlags,
+        ) -> strata_core::BoxFuture<'_, strata_core::IoBuf> {
+            unimplemented!()
+        }
+        fn write_zeroes(
+            &self,
+            _: u64,
+            _: u64,
+            _: strata_core::ZeroFlags,
+        ) -> strata_core::BoxFuture<'_, ()> {
+            unimplemented!()
+        }
+        fn discard(&self, _: u64, _: u64) -> strata_core::BoxFuture<'_, ()> {
+            unimplemented!()
+        }
+        fn flush(&self) -> strata_core::BoxFuture<'_, ()> {
+            Box::pin(async { Ok(()) })
+        }
+        fn block_status(
+            &self,
+            offset: u64,
+            len: u64,
+        ) -> strata_core::BoxFuture<'_, strata_core::Extent> {
+            Box::pin(async move {
+                Ok(strata_core::Extent {
+                    len,
+                    status: BlockStatus {
+                        allocated: true,
+                        data: true,
+                        host_offset: Some(offset),
+                        recurse: self.recurse,
+                        ..Default::default()
+                    },
+                    host_node: Some(self.host.clone()),
+                })
+            })
+        }
+        fn truncate(&self, _: u64, _: strata_core::Prealloc) -> strata_core::BoxFuture<'_, ()> {
+            unimplemented!()
+        }
+        fn as_any(&self) -> &dyn std::any::Any {
+            self
+        }
+    }
+
+    #[tokio::test]
+    async fn recurse_finds_host_holes() {
+        const K: u64 = 1024;
+        // The host: data, a hole, data, then a hole up to its end at 32k.
+        let host = chain(&[Layer::new(32 * K)
+            .data(0, 8 * K)
+            .zero(8 * K, 8 * K)
+            .data(16 * K, 8 * K)
+            .zero(24 * K, 8 * K)])
+        .remove(0);
+        let top: NodeRef = Arc::new(Preallocated {
+            host: host.clone(),
+            size: 64 * K,
+            recurse: true,
+        });
+        let at = |off: u64| {
+            let top = top.clone();
+            async move {
+                let e = layer_status(&top, off, 64 * K - off).await.unwrap();
+                assert!(e.status.data && e.status.allocated && !e.status.recurse);
+                assert_eq!(e.status.host_offset, Some(off));
+                (e.status.zero, e.len)
+            }
+        };
+        assert_eq!(at(0).await, (false, 8 * K));
+        assert_eq!(at(8 * K).await, (true, 8 * K));
+        assert_eq!(at(16 * K).await, (false, 8 * K));
+        // A hole up to the host's end: all the rest reads as zeroes, past the end too.
+        assert_eq!(at(24 * K).await, (true, 40 * K));
+        assert_eq!(at(40 * K).await, (true, 24 * K));
+
+        // Without the flag the host is not asked.
+        let plain: NodeRef = Arc::new(Preallocated {
+            host,
+            size: 64 * K,
+            recurse: false,
+        });
+        let e = layer_status(&plain, 8 * K, 8 * K).await.unwrap();
+        assert!(e.status.data && !e.status.zero);
+        assert_eq!(e.len, 8 * K);
     }
 
     #[tokio::test]

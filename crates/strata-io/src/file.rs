@@ -196,8 +196,9 @@ fn fallocate_zeroes(
     }
     // Without KEEP_SIZE, ZERO_RANGE also grows a regular file; block devices require it.
     let mode = libc::FALLOC_FL_ZERO_RANGE | if blk { libc::FALLOC_FL_KEEP_SIZE } else { 0 };
+    let generation = f.write_gen();
     let r = fallocate(f.file(), mode, offset, len);
-    f.after_write(end);
+    f.after_write(end, generation, r.is_ok());
     match r {
         Ok(()) => Ok(()),
         Err(e) if is_unsupported(e) => Err(libc::EOPNOTSUPP),
@@ -536,6 +537,7 @@ impl FileNode {
                 zero: !data,
                 compressed: false,
                 host_offset: Some(offset),
+                recurse: false,
             },
             host_node,
         })

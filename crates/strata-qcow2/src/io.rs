@@ -182,13 +182,23 @@ impl Qcow2 {
         Ok(())
     }
 
-    pub(crate) async fn do_write(&self, offset: u64, mut buf: IoBuf) -> Result<IoBuf> {
+    pub(crate) async fn do_write(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
         self.check_writable()?;
         let len = buf.len() as u64;
         check_request(offset, len, self.size())?;
         if len == 0 {
             return Ok(buf);
         }
+        // Runs to the end even if this future is dropped (see `settled`).
+        self.settled(move |me| async move { me.write_request(offset, buf).await })
+            .await
+    }
+
+    /// The body of [`Qcow2::do_write`]: look up and allocate under the lock, write the data
+    /// (and copy-on-write fills) outside it, then link new clusters into L2.
+    async fn write_request(&self, offset: u64, mut buf: IoBuf) -> Result<IoBuf> {
+        self.check_writable()?;
+        let len = buf.len() as u64;
         let cs = self.cs;
         let first = offset / cs;
         let last = (offset + len - 1) / cs;
@@ -212,8 +222,23 @@ impl Qcow2 {
                 let data = data.clone();
                 fill_futs.push(async move {
                     let old = self.read_old(op.gci, op.old, a, b - a).await?;
-                    if op.fresh && old.is_zero() {
-                        return Ok(());
+                    if op.new_alloc && old.is_zero() {
+                        // Zeroes for the untouched parts of a new cluster: as QEMU's
+                        // `handle_alloc_space`, let the file zero them without writing data,
+                        // so the cluster gets its space and the file ends at a cluster end.
+                        let flags = ZeroFlags {
+                            may_unmap: false,
+                            no_fallback: true,
+                        };
+                        match data.write_zeroes(op.host + a, b - a, flags).await {
+                            Ok(()) => return Ok(()),
+                            // Past the old end of the file a hole reads as zeroes already.
+                            Err(e) if e.kind() == ErrorKind::Unsupported && op.fresh => {
+                                return Ok(());
+                            }
+                            Err(e) if e.kind() == ErrorKind::Unsupported => {}
+                            Err(e) => return Err(e),
+                        }
                     }
                     data.write(op.host + a, old, WriteFlags::default()).await?;
                     Ok::<(), Error>(())
@@ -259,8 +284,8 @@ impl Qcow2 {
         let first = offset / cs;
         let last = (end - 1) / cs;
         let mut ops: Vec<ClusterOp> = Vec::new();
-        // (guest cluster, host cluster or None for "to allocate", ws, we)
-        let mut placed: Vec<(u64, Option<u64>, u64, u64)> = Vec::new();
+        // (host cluster, or `Err(i)`: the host cluster `ops[i]` gets allocated; ws, we)
+        let mut placed: Vec<(std::result::Result<u64, usize>, u64, u64)> = Vec::new();
         for gci in first..=last {
             let ws = if gci == first { offset % cs } else { 0 };
             let we = if gci == last { (end - 1) % cs + 1 } else { cs };
@@ -288,7 +313,7 @@ impl Qcow2 {
                 self.fmt.subcluster_type(old.entry, old.bitmap, sc) == SubclusterType::Normal
             });
             if ct == ClusterType::Normal && reusable && (!ext || touched_all_normal) {
-                placed.push((gci, Some(host_cluster), ws, we));
+                placed.push((Ok(host_cluster), ws, we));
                 continue;
             }
             let new_alloc = !reusable && !external;
@@ -351,7 +376,12 @@ impl Qcow2 {
                 fills,
                 new_slot,
             });
-            placed.push((gci, if new_alloc { None } else { Some(host) }, ws, we));
+            let at = if new_alloc {
+                Err(ops.len() - 1)
+            } else {
+                Ok(host)
+            };
+            placed.push((at, ws, we));
         }
         // L2 tables before data clusters (QEMU's order, so layouts match).
         if !ops.is_empty() {
@@ -390,15 +420,12 @@ impl Qcow2 {
         }
         // Segments of the caller's buffer, merged where host offsets are contiguous.
         let mut segments: Vec<Segment> = Vec::new();
-        for (gci, host, ws, we) in placed {
+        for (host, ws, we) in placed {
             let host = match host {
-                Some(h) => h,
-                None => ops.iter().find(|o| o.gci == gci).expect("op").host,
+                Ok(h) => h,
+                Err(i) => ops[i].host,
             };
             let h = host + ws;
-            if !external {
-                m.check_overlap(h, we - ws, false)?;
-            }
             match segments.last_mut() {
                 Some(s) if s.host + s.len == h => s.len += we - ws,
                 _ => segments.push(Segment {
@@ -407,9 +434,24 @@ impl Qcow2 {
                 }),
             }
         }
-        for op in &ops {
-            if !external {
-                m.check_overlap(op.host, cs, false)?;
+        if !external {
+            // Every host range the request writes (its data and the copy-on-write fills of
+            // whole clusters), merged: one overlap check per run, not per cluster.
+            let mut ranges: Vec<(u64, u64)> = segments
+                .iter()
+                .map(|s| (s.host, s.host + s.len))
+                .chain(ops.iter().map(|o| (o.host, o.host + cs)))
+                .collect();
+            ranges.sort_unstable();
+            let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+            for (a, b) in ranges {
+                match merged.last_mut() {
+                    Some(l) if a <= l.1 => l.1 = l.1.max(b),
+                    _ => merged.push((a, b)),
+                }
+            }
+            for (a, b) in merged {
+                m.check_overlap(a, b - a, false)?;
             }
         }
         Ok((segments, ops))
@@ -477,7 +519,10 @@ impl Qcow2 {
             if !(v3 || flags.may_unmap && self.backing.is_none()) {
                 fallback.push((a, b.min(end)));
             } else {
-                let mut more = self.zero_clusters(a, b, flags.may_unmap, false).await?;
+                let unmap = flags.may_unmap;
+                let mut more = self
+                    .settled(move |me| async move { me.zero_clusters(a, b, unmap, false).await })
+                    .await?;
                 fallback.append(&mut more);
             }
         }
@@ -672,7 +717,8 @@ impl Qcow2 {
             end - end % cs
         };
         if a < b {
-            self.zero_clusters(a, b, true, true).await?;
+            self.settled(move |me| async move { me.zero_clusters(a, b, true, true).await })
+                .await?;
         }
         Ok(())
     }
@@ -680,6 +726,13 @@ impl Qcow2 {
     // ------------------------------------------------------------------ flush
 
     pub(crate) async fn do_flush(&self) -> Result<()> {
+        // Runs to the end even if this future is dropped: the discards of freed clusters
+        // must be done before the metadata lock lets anything reuse them.
+        self.settled(move |me| async move { me.flush_request().await })
+            .await
+    }
+
+    async fn flush_request(&self) -> Result<()> {
         if let Some(df) = &self.data_file {
             // Data before the L2 entries that point at it.
             df.flush().await?;
@@ -706,10 +759,11 @@ impl Qcow2 {
         if len == 0 {
             return Err(Error::invalid("block status of an empty range"));
         }
-        let run = {
+        let (run, recurse) = {
             let mut m = self.meta.lock().await;
+            let recurse = self.metadata_preallocated(&mut m).await;
             match m.map_run(offset, len, true).await {
-                Ok(r) => r,
+                Ok(r) => (r, recurse),
                 Err(e) => return Err(self.signal(&mut m, e).await),
             }
         };
@@ -736,6 +790,8 @@ impl Qcow2 {
                     allocated: true,
                     data: true,
                     host_offset: Some(host),
+                    // Holes in the host file may hide in preallocated data clusters.
+                    recurse,
                     ..Default::default()
                 },
                 host_node,
@@ -763,6 +819,7 @@ impl Qcow2 {
     /// shorter). Falls back to a normal write when the data does not compress.
     pub async fn write_compressed(&self, offset: u64, buf: IoBuf) -> Result<()> {
         self.check_writable()?;
+        self.track_write(offset, buf.len() as u64);
         let cs = self.cs;
         let len = buf.len() as u64;
         check_request(offset, len, self.size())?;

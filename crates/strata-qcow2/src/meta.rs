@@ -431,12 +431,14 @@ impl Meta {
     }
 
     /// Make refcount increments durable before a table referencing new clusters is written.
+    ///
+    /// With lazy refcounts (dirty bit set) there is no such ordering: the on-disk refcounts
+    /// are rebuilt after a crash, so the blocks stay in the cache until a flush or an
+    /// eviction writes them (QEMU's behaviour too).
     pub async fn sync_increments(&mut self) -> Result<()> {
-        if self.incr_unsynced {
+        if self.incr_unsynced && !self.lazy {
             self.write_dirty_rbs().await?;
-            if !self.lazy {
-                self.sync().await?;
-            }
+            self.sync().await?;
             self.incr_unsynced = false;
         }
         Ok(())
@@ -719,7 +721,12 @@ impl Meta {
     /// are safe now (those whose epoch is below `min_active_epoch`). Returns host ranges
     /// that became free (for discarding in the file).
     pub async fn flush(&mut self, min_active_epoch: u64) -> Result<Vec<(u64, u64)>> {
-        // 1. Refcount increments before the tables that reference the new clusters.
+        // 1. Refcount increments before the tables that reference the new clusters (with
+        // lazy refcounts: written, in no particular order, as every flush writes them).
+        if self.lazy {
+            self.write_dirty_rbs().await?;
+            self.incr_unsynced = false;
+        }
         self.sync_increments().await?;
         // 2. L2 tables (L1 entries are written as they change).
         let dirty_l2 = self.l2.dirty();

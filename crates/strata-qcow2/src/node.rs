@@ -3,15 +3,15 @@
 
 use std::any::Any;
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::Mutex as StdMutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 
 use strata_core::{
     BlockNode, BoxFuture, Error, ErrorKind, Extent, IoBuf, NodeRef, Prealloc, Result, WriteFlags,
     ZeroFlags,
 };
-use tokio::sync::{Mutex, watch};
+use tokio::sync::{Mutex, Notify, watch};
 
 use crate::cache::TableCache;
 use crate::entry::EntryFormat;
@@ -128,9 +128,17 @@ pub struct Qcow2 {
     pub(crate) inflight: StdMutex<Inflight>,
     /// Set once a metadata check failed during a write: further writes fail.
     pub(crate) broken: AtomicBool,
-    pub(crate) snapshots: Vec<SnapshotInfo>,
-    pub(crate) bitmaps: Vec<BitmapInfo>,
+    /// Internal snapshots (changed by the snapshot operations).
+    pub(crate) snapshots: StdMutex<Vec<SnapshotInfo>>,
+    /// Persistent dirty bitmaps (see `bitmap`).
+    pub(crate) bitmaps: crate::bitmap::Bitmaps,
     pub(crate) published: Arc<StdMutex<Header>>,
+    /// Ourselves, so a request can run as its own task (see [`Qcow2::settled`]).
+    pub(crate) me: Weak<Qcow2>,
+    /// Requests running as their own tasks, and a wake-up for [`Qcow2::settle_writes`].
+    pub(crate) settling: (AtomicUsize, Notify),
+    /// Whether the image looks metadata-preallocated (see `metadata_prealloc`).
+    pub(crate) metadata_prealloc: crate::metadata_prealloc::Detection,
 }
 
 /// Read and parse the header of a qcow2 image (so a chain opener can learn the backing
@@ -207,10 +215,6 @@ impl Qcow2 {
         )
         .await?;
         let snapshots = snapshot::read_snapshots(&*file, &h).await?;
-        let mut bitmaps = snapshot::read_bitmaps(&*file, &h).await?;
-        if !read_only && snapshot::mark_auto_bitmaps_in_use(&*file, &h).await? {
-            bitmaps = snapshot::read_bitmaps(&*file, &h).await?;
-        }
 
         let l2_needed = h.l1_entries_for_size(h.size).max(1) * cs;
         let l2_bytes = opts
@@ -227,13 +231,6 @@ impl Qcow2 {
             .map(|s| (s.l1_table_offset, u64::from(s.l1_size) * 8))
             .collect();
         snapshot_l1s.retain(|&(_, l)| l > 0);
-        let mut bitmap_areas = Vec::new();
-        if let Some(b) = h.bitmaps {
-            bitmap_areas.push((b.bitmap_directory_offset, b.bitmap_directory_size));
-        }
-        for b in &bitmaps {
-            bitmap_areas.push((b.table_offset, u64::from(b.table_size) * 8));
-        }
         let snapshot_table = (
             h.snapshots_offset,
             snapshot::snapshot_table_size(&h, &snapshots),
@@ -276,7 +273,7 @@ impl Qcow2 {
             read_only,
             snapshot_l1s,
             snapshot_table,
-            bitmap_areas,
+            bitmap_areas: Vec::new(),
             free_byte_offset: 0,
             published: Arc::new(StdMutex::new(h.clone())),
             h,
@@ -287,9 +284,13 @@ impl Qcow2 {
             meta.write_header().await?;
             meta.sync().await?;
         }
+        // Loads the bitmaps and marks them in-use before any write (sets `bitmap_areas`).
+        let bitmaps = crate::bitmap::Bitmaps::open(&mut meta).await?;
         let size = meta.h.size;
         let published = meta.published.clone();
-        Ok(Arc::new(Qcow2 {
+        Ok(Arc::new_cyclic(|me| Qcow2 {
+            me: me.clone(),
+            settling: (AtomicUsize::new(0), Notify::new()),
             published,
             file,
             data_file,
@@ -303,9 +304,71 @@ impl Qcow2 {
             io: StdMutex::new(IoTracker::default()),
             inflight: StdMutex::new(Inflight::default()),
             broken: AtomicBool::new(false),
-            snapshots,
+            snapshots: StdMutex::new(snapshots),
             bitmaps,
+            metadata_prealloc: Default::default(),
         }))
+    }
+
+    /// Run a modifying request to completion even if the caller drops its future.
+    ///
+    /// Once a write has looked up or allocated its host clusters, stopping it half way is
+    /// unsafe: the engine may still be writing the data after the request's registration
+    /// (epoch) ended, so a concurrent discard plus flush could free the cluster and another
+    /// write reuse it before the stale data lands; allocations would leak; a metadata update
+    /// could stop between two dependent writes. So the request runs as its own task, owning
+    /// a reference to the node; the caller only waits for it (imago's "settle" idea). Without
+    /// a runtime (not the case in practice) it runs inline.
+    pub(crate) async fn settled<T, F>(&self, request: impl FnOnce(Arc<Qcow2>) -> F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T>> + Send + 'static,
+    {
+        let Some(me) = self.me.upgrade() else {
+            return Err(Error::new(
+                ErrorKind::Io(libc::EIO),
+                "image is being closed",
+            ));
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return request(me).await;
+        };
+        /// Ends the registration when the task finishes (or unwinds).
+        struct Settling(Arc<Qcow2>);
+        impl Drop for Settling {
+            fn drop(&mut self) {
+                if self.0.settling.0.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    self.0.settling.1.notify_waiters();
+                }
+            }
+        }
+        self.settling.0.fetch_add(1, Ordering::AcqRel);
+        let reg = Settling(me.clone());
+        let fut = request(me);
+        let task = rt.spawn(async move {
+            let _reg = reg;
+            fut.await
+        });
+        match task.await {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(Error::new(
+                ErrorKind::Io(libc::EIO),
+                format!("request task failed: {e}"),
+            )),
+        }
+    }
+
+    /// Wait until every request started through [`Qcow2::settled`] has finished, including
+    /// those whose callers went away (QEMU drains a node before closing it).
+    pub async fn settle_writes(&self) {
+        loop {
+            let woken = self.settling.1.notified();
+            if self.settling.0.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            woken.await;
+        }
     }
 
     /// A copy of the header as last written.
@@ -325,8 +388,8 @@ impl Qcow2 {
             extended_l2: h.extended_l2(),
             data_file: h.data_file.clone(),
             data_file_raw: h.data_file_raw(),
-            bitmaps: self.bitmaps.clone(),
-            snapshots: self.snapshots.clone(),
+            bitmaps: self.bitmaps.disk_info(),
+            snapshots: self.snapshots.lock().unwrap().clone(),
         }
     }
 
@@ -457,6 +520,9 @@ impl Qcow2 {
         if self.read_only {
             return Ok(());
         }
+        // Writes whose callers went away finish first (their data and L2 updates).
+        self.settle_writes().await;
+        self.store_bitmaps().await?;
         self.do_flush().await?;
         let mut m = self.meta.lock().await;
         if m.lazy {
@@ -499,6 +565,7 @@ impl BlockNode for Qcow2 {
 
     fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BoxFuture<'_, IoBuf> {
         Box::pin(async move {
+            self.track_write(offset, buf.len() as u64);
             let buf = self.do_write(offset, buf).await?;
             if flags.fua {
                 self.do_flush().await?;
@@ -508,11 +575,17 @@ impl BlockNode for Qcow2 {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BoxFuture<'_, ()> {
-        Box::pin(self.do_write_zeroes(offset, len, flags))
+        Box::pin(async move {
+            self.track_write(offset, len);
+            self.do_write_zeroes(offset, len, flags).await
+        })
     }
 
     fn discard(&self, offset: u64, len: u64) -> BoxFuture<'_, ()> {
-        Box::pin(self.do_discard(offset, len))
+        Box::pin(async move {
+            self.track_write(offset, len);
+            self.do_discard(offset, len).await
+        })
     }
 
     fn flush(&self) -> BoxFuture<'_, ()> {

@@ -3,7 +3,9 @@
 
 use std::sync::atomic::Ordering;
 
-use strata_core::{BlockNode, Error, ErrorKind, IoBuf, Prealloc, Result, WriteFlags};
+use strata_core::{
+    BlockNode, Error, ErrorKind, IoBuf, NodeRef, Prealloc, Result, WriteFlags, ZeroFlags,
+};
 
 use crate::entry::{self, ClusterType};
 use crate::meta::{Meta, PendingFree, Slot};
@@ -55,11 +57,9 @@ impl Qcow2 {
         if !new_size.is_multiple_of(512) {
             return Err(Error::invalid("The new size must be a multiple of 512"));
         }
-        if !self.bitmaps.is_empty() && new_size != old_size {
-            // Stored bitmaps must match the disk size and are not rewritten here.
-            return Err(Error::unsupported(
-                "Cannot resize a qcow2 image with persistent bitmaps",
-            ));
+        if new_size != old_size {
+            // Bitmaps follow the size (they are stored at close); inconsistent ones block it.
+            self.bitmaps.check_resize(new_size, cs)?;
         }
         if new_size < old_size {
             if prealloc != Prealloc::Off {
@@ -84,6 +84,7 @@ impl Qcow2 {
             m.write_header().await?;
             m.sync().await?;
             self.size.store(new_size, Ordering::Release);
+            self.bitmaps.resized(new_size);
         }
         if let Some(df) = &self.data_file
             && df.size() < new_size
@@ -141,6 +142,7 @@ impl Qcow2 {
         m.write_header().await?;
         m.sync().await?;
         self.size.store(new_size, Ordering::Release);
+        self.bitmaps.resized(new_size);
         drop(m);
         self.do_flush().await?;
         // Give the file back everything past the last cluster in use.
@@ -199,7 +201,11 @@ impl Qcow2 {
                 } else {
                     m.alloc_clusters(n).await?
                 };
-                if !external && base < old_end {
+                if !external && matches!(mode, Prealloc::Falloc | Prealloc::Full) {
+                    // The data area gets its host space now (and reads as zeroes, whatever
+                    // reused clusters held), as QEMU's truncate does for these modes.
+                    prealloc_area(&m.file, base, n * cs, mode).await?;
+                } else if !external && base < old_end {
                     // Reused clusters may hold old data: preallocated space reads as zeroes.
                     let zero_len = (old_end - base).min(n * cs);
                     let _ = m
@@ -258,4 +264,21 @@ impl Qcow2 {
         }
         self.do_flush().await
     }
+}
+
+/// Give `[off, off + len)` of `file` host space that reads as zeroes: reserved (`falloc`;
+/// written zeroes where the file cannot reserve) or written with zeroes (`full`).
+async fn prealloc_area(file: &NodeRef, off: u64, len: u64, mode: Prealloc) -> Result<()> {
+    if mode == Prealloc::Falloc {
+        return file.write_zeroes(off, len, ZeroFlags::default()).await;
+    }
+    const CHUNK: u64 = 4 << 20;
+    let mut pos = off;
+    while pos < off + len {
+        let n = CHUNK.min(off + len - pos);
+        file.write(pos, IoBuf::zeroed(n as usize), WriteFlags::default())
+            .await?;
+        pos += n;
+    }
+    Ok(())
 }

@@ -1,6 +1,6 @@
 //! Read-only views of the internal snapshot table and the persistent bitmap directory: what
-//! `info` shows, and which clusters they own (for overlap checks). Both are preserved
-//! untouched by writes.
+//! `info` shows, and which clusters they own (for overlap checks). The bitmaps themselves
+//! (loading, tracking, storing) live in [`crate::bitmap`].
 
 use strata_core::{BlockNode, Error, IoBuf, Result};
 
@@ -172,40 +172,4 @@ pub async fn read_bitmaps(file: &dyn BlockNode, h: &Header) -> Result<Vec<Bitmap
         o = end.next_multiple_of(8);
     }
     Ok(out)
-}
-
-/// Set the `in_use` flag of every enabled (`auto`) bitmap that lacks it: this node does not
-/// track writes in bitmaps, so after it writes they no longer describe the changes, and
-/// must say so (QEMU does the same for bitmaps it cannot store back). Returns whether the
-/// directory changed.
-pub async fn mark_auto_bitmaps_in_use(file: &dyn BlockNode, h: &Header) -> Result<bool> {
-    let Some(ext) = h.bitmaps else {
-        return Ok(false);
-    };
-    let mut dir = read(file, ext.bitmap_directory_offset, ext.bitmap_directory_size).await?;
-    let mut changed = false;
-    let mut o = 0usize;
-    for _ in 0..ext.nb_bitmaps {
-        if o + 24 > dir.len() {
-            return Err(Error::corrupt("Bitmap directory is truncated"));
-        }
-        let flags = be32(&dir, o + 12);
-        if flags & 2 != 0 && flags & 1 == 0 {
-            dir[o + 12..o + 16].copy_from_slice(&(flags | 1).to_be_bytes());
-            changed = true;
-        }
-        let name_size = be16(&dir, o + 18) as usize;
-        let extra = be32(&dir, o + 20) as usize;
-        o = (o + 24 + extra + name_size).next_multiple_of(8);
-    }
-    if changed {
-        file.write(
-            ext.bitmap_directory_offset,
-            IoBuf::from_slice(&dir),
-            Default::default(),
-        )
-        .await?;
-        file.flush().await?;
-    }
-    Ok(changed)
 }

@@ -8,9 +8,8 @@
 //! `units.rs` parses sizes; `output.rs` prints sizes, QEMU's JSON and its human dumps;
 //! `progress.rs` is `-p`.
 //!
-//! Not supported yet: `snapshot -c/-a/-d`, `rebase -c`, and `amend` changes of compat,
-//! lazy_refcounts, refcount_bits and data files (each fails with "not implemented yet");
-//! `--image-opts`, `--object`, `bitmap`.
+//! Not supported yet: `rebase -c` (fails with "not implemented yet"), `--image-opts`,
+//! `--object`.
 
 mod bench;
 mod cli;
@@ -42,6 +41,8 @@ enum Cmd {
     Amend(cmd::amend::Args),
     /// Run a simple image benchmark
     Bench(bench::Args),
+    /// Perform modifications of the persistent bitmap in the image
+    Bitmap(cmd::bitmap::Args),
     /// Check basic image integrity
     Check(cmd::check::Args),
     /// Commit image to its backing file
@@ -89,6 +90,7 @@ fn run(mut argv: Vec<OsString>) -> i32 {
     let result: CmdResult = match cli.cmd {
         Cmd::Amend(a) => cmd::amend::run(a),
         Cmd::Bench(a) => bench::run(a),
+        Cmd::Bitmap(a) => cmd::bitmap::run(a),
         Cmd::Check(a) => cmd::check::run(a),
         Cmd::Commit(a) => cmd::commit::run(a),
         Cmd::Compare(a) => cmd::compare::run(a),
@@ -120,6 +122,7 @@ fn subcommand_name(cmd: &Cmd) -> &'static str {
     match cmd {
         Cmd::Amend(_) => "amend",
         Cmd::Bench(_) => "bench",
+        Cmd::Bitmap(_) => "bitmap",
         Cmd::Check(_) => "check",
         Cmd::Commit(_) => "commit",
         Cmd::Compare(_) => "compare",

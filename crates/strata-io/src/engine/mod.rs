@@ -61,6 +61,8 @@ pub(crate) struct HostFile {
     size: AtomicU64,
     /// Serialises size refreshes against truncation (see `after_write`).
     size_lock: Mutex<()>,
+    /// Bumped (under `size_lock`) by every size change other than a growing write.
+    resize_gen: AtomicU64,
 }
 
 impl HostFile {
@@ -70,6 +72,7 @@ impl HostFile {
             block_device,
             size: AtomicU64::new(size),
             size_lock: Mutex::new(()),
+            resize_gen: AtomicU64::new(0),
         }
     }
 
@@ -90,19 +93,30 @@ impl HostFile {
         self.size.load(Ordering::Acquire)
     }
 
-    /// Called by the engines when a write that ends at `end` has completed (or failed): if it
-    /// may have grown the file, re-read the size. Done under `size_lock`, the lock truncate
-    /// holds across its `ftruncate` and size update, so a write that lands just after a shrink
-    /// can never leave a stale size behind. Runs inside the engine, so it happens even when the
-    /// caller dropped the request's future.
-    pub(crate) fn after_write(&self, end: u64) {
-        if self.block_device {
+    /// The resize generation; a write takes it before it is issued and hands it to
+    /// [`HostFile::after_write`].
+    pub(crate) fn write_gen(&self) -> u64 {
+        self.resize_gen.load(Ordering::Acquire)
+    }
+
+    /// Called by the engines when a write that ends at `end` has completed (`complete`: every
+    /// byte written) or failed: if it may have grown the file, update the size. A complete
+    /// write with no resize since `generation` (taken before it was issued) made the file at least
+    /// `end` bytes long, so no `fstat` is needed; otherwise the size is re-read. Done under
+    /// `size_lock`, the lock truncate holds across its `ftruncate` and size update, so a write
+    /// that lands just after a shrink can never leave a stale size behind. Runs inside the
+    /// engine, so it happens even when the caller dropped the request's future.
+    pub(crate) fn after_write(&self, end: u64, generation: u64, complete: bool) {
+        if self.block_device || end <= self.size.load(Ordering::Acquire) {
             return;
         }
         let _g = self.size_lock.lock().unwrap_or_else(|e| e.into_inner());
-        if end > self.size.load(Ordering::Acquire)
-            && let Ok(md) = self.file.metadata()
-        {
+        if end <= self.size.load(Ordering::Acquire) {
+            return;
+        }
+        if complete && self.resize_gen.load(Ordering::Acquire) == generation {
+            self.size.store(end, Ordering::Release);
+        } else if let Ok(md) = self.file.metadata() {
             self.size.store(md.len(), Ordering::Release);
         }
     }
@@ -110,6 +124,7 @@ impl HostFile {
     /// Run `f` (which changes the file's size) under the size lock, then re-read the size.
     pub(crate) fn resize_with<T>(&self, f: impl FnOnce(&File) -> io::Result<T>) -> io::Result<T> {
         let _g = self.size_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.resize_gen.fetch_add(1, Ordering::AcqRel);
         let r = f(&self.file);
         if !self.block_device
             && let Ok(md) = self.file.metadata()

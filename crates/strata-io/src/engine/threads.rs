@@ -61,6 +61,7 @@ pub(crate) fn preadv_full(file: &HostFile, offset: u64, bufs: &mut [IoBuf]) -> R
 /// `pwritev` until every byte of `bufs` is written.
 pub(crate) fn pwritev_full(file: &HostFile, offset: u64, bufs: &mut [IoBuf]) -> Result<()> {
     let total = total_len(bufs);
+    let generation = file.write_gen();
     let mut done = 0;
     let r = loop {
         if done >= total {
@@ -91,7 +92,7 @@ pub(crate) fn pwritev_full(file: &HostFile, offset: u64, bufs: &mut [IoBuf]) -> 
         }
         done += n as usize;
     };
-    file.after_write(offset + total as u64);
+    file.after_write(offset + total as u64, generation, r.is_ok());
     r
 }
 

@@ -62,6 +62,8 @@ struct Op {
     bufs: Vec<IoBuf>,
     total: usize,
     done: usize,
+    /// The file's resize generation when the request was made (see `HostFile::after_write`).
+    generation: u64,
     /// The iovecs of the current submission (must outlive it).
     iov: IoVecs,
     tx: oneshot::Sender<Outcome>,
@@ -115,7 +117,8 @@ impl Op {
     /// is gone (the kernel is done with them: their completion has arrived).
     fn finish(self, result: Result<usize>) {
         if self.kind == OpKind::Write {
-            self.file.after_write(self.offset + self.total as u64);
+            let end = self.offset + self.total as u64;
+            self.file.after_write(end, self.generation, result.is_ok());
         }
         let outcome = result.map(|n| (self.bufs, n));
         let _ = self.tx.send(outcome);
@@ -194,6 +197,7 @@ impl UringEngine {
         let op = Op {
             kind,
             datasync,
+            generation: file.write_gen(),
             file,
             offset,
             bufs,

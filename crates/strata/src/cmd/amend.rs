@@ -129,7 +129,6 @@ async fn amend(img: &crate::open::Image, options: &str, help: bool, bar: &Progre
     }
     bar.print(0.0, 0);
     let h = q.header();
-    let fi = q.format_info();
     let backing = opts.get_str("backing_file");
     let backing_fmt = opts.get_str("backing_fmt");
     if (backing.is_some() || backing_fmt.is_some())
@@ -139,46 +138,29 @@ async fn amend(img: &crate::open::Image, options: &str, help: bool, bar: &Progre
             "Cannot amend the backing file\nYou can use 'strata rebase' instead.",
         ));
     }
-    // Options whose change the qcow2 driver cannot make yet: accept them when they ask for
-    // what the image already has.
-    let unchanged = |key: &str| -> Result<(), Fail> {
-        let same = match key {
-            "compat" => match opts.get_str("compat").as_deref() {
-                Some("1.1") | Some("v3") => fi.compat == "1.1",
-                Some("0.10") | Some("v2") => fi.compat == "0.10",
-                Some(v) => {
-                    return Err(Fail::msg(format!("Unknown compatibility level {v}")));
-                }
-                None => true,
-            },
-            "lazy_refcounts" => opts.get_bool(key).is_none_or(|v| v == fi.lazy_refcounts),
-            "refcount_bits" => opts
-                .get_num(key)
-                .is_none_or(|v| v == u64::from(fi.refcount_bits)),
-            "data_file" => opts.get_str(key).is_none_or(|v| Some(v) == fi.data_file),
-            "data_file_raw" => opts.get_bool(key).is_none_or(|v| v == fi.data_file_raw),
-            _ => !opts.has(key),
-        };
-        if same {
-            Ok(())
-        } else {
-            Err(Fail::msg(format!(
-                "amend: changing '{key}' is not implemented yet"
-            )))
-        }
+    if opts.keys().any(|k| k.starts_with("encrypt.")) {
+        return Err(Fail::msg(
+            "Can't amend encryption options - encryption not present",
+        ));
+    }
+    let compat_v3 = match opts.get_str("compat").as_deref() {
+        None => None,
+        Some("1.1") | Some("v3") => Some(true),
+        Some("0.10") | Some("v2") => Some(false),
+        Some(v) => return Err(Fail::msg(format!("Unknown compatibility level {v}"))),
     };
-    for key in opts.keys().collect::<Vec<_>>() {
-        if !matches!(key, "size" | "backing_file" | "backing_fmt") {
-            unchanged(key)?;
-        }
-    }
-    if let Some(size) = opts.get_num("size")
-        && size != node.size()
-    {
-        node.truncate(size, strata_core::Prealloc::Off)
-            .await
-            .map_err(Fail::from)?;
-    }
+    let ao = strata_qcow2::AmendOptions {
+        compat_v3,
+        lazy_refcounts: opts.get_bool("lazy_refcounts"),
+        // Out-of-range widths are refused by the driver with QEMU's text.
+        refcount_bits: opts
+            .get_num("refcount_bits")
+            .map(|v| u32::try_from(v).unwrap_or(0)),
+        data_file: opts.get_str("data_file"),
+        data_file_raw: opts.get_bool("data_file_raw"),
+        size: opts.get_num("size").filter(|&s| s != 0),
+    };
+    q.amend(&ao).await.map_err(|e| Fail::msg(e.to_string()))?;
     bar.print(100.0, 0);
     Ok(0)
 }

@@ -107,13 +107,13 @@ async fn commit(
     let img = crate::open::open(filename, &opts).await?;
     bar.print(0.0, 100);
     let top = img.node();
-    let res = commit_into_base(&top, filename, base, bar.clone()).await;
+    let mut res = commit_into_base(&top, filename, base, bar.clone()).await;
+    if res.is_ok() && !drop {
+        res = make_empty(&top).await;
+    }
     let closed = img.close().await;
     res?;
     closed?;
-    if !drop {
-        make_empty(filename, cache).await?;
-    }
     Ok(())
 }
 
@@ -171,49 +171,12 @@ async fn commit_into_base(
 }
 
 /// Empty the top image so that it reads through to its backing file again (QEMU's
-/// `blk_make_empty`). Like QEMU's `make_completely_empty`, a v3 qcow2 image without
-/// snapshots, bitmaps or data file is rebuilt empty with the same options; other images are
-/// left as they are, which is safe since the base now holds the same data.
-async fn make_empty(filename: &str, cache: CacheMode) -> Result<(), Fail> {
-    let opts = OpenOpts {
-        fmt: Some("file".to_string()),
-        read_only: false,
-        cache,
-        ..Default::default()
+/// `blk_make_empty`): qcow2 images are emptied by the driver; other formats cannot be
+/// emptied and are left as they are (qemu-img ignores `ENOTSUP` there too), which is safe
+/// since the base now holds the same data.
+async fn make_empty(top: &NodeRef) -> Result<(), Fail> {
+    let Some(q) = top.as_any().downcast_ref::<strata_qcow2::Qcow2>() else {
+        return Ok(());
     };
-    let file = crate::open::open(filename, &opts).await?;
-    let node = file.node();
-    let res = async {
-        if crate::open::probe_format(&node).await? != "qcow2" {
-            return Ok(());
-        }
-        let h = strata_qcow2::read_header(&node).await?;
-        if h.version < 3
-            || h.nb_snapshots > 0
-            || h.bitmaps.is_some()
-            || h.has_data_file()
-            || h.crypt_method != 0
-        {
-            return Ok(());
-        }
-        let co = strata_qcow2::CreateOptions {
-            size: h.size,
-            cluster_size: h.cluster_size(),
-            compat_v3: true,
-            refcount_bits: h.refcount_bits(),
-            extended_l2: h.extended_l2(),
-            lazy_refcounts: h.lazy_refcounts(),
-            compression_type: h.compression_type,
-            preallocation: strata_core::Prealloc::Off,
-            backing_file: h.backing_file.clone(),
-            backing_format: h.backing_format.clone(),
-            data_file: None,
-            data_file_raw: false,
-        };
-        strata_qcow2::create(&node, &co, None).await
-    }
-    .await;
-    let closed = file.close().await;
-    res.map_err(|e| Fail::msg(e.to_string()))?;
-    closed
+    q.make_empty().await.map_err(|e| Fail::msg(e.to_string()))
 }

@@ -3,8 +3,9 @@
 
 use std::sync::Arc;
 
-use strata_core::NodeRef;
-use strata_graph::{CompressedWrite, CopyOptions, RawOptions, TargetInit, copy_image};
+use strata_core::error::strerror;
+use strata_core::{ErrorKind, NodeRef};
+use strata_graph::{CompressedWrite, CopyFailure, CopyOptions, RawOptions, TargetInit, copy_image};
 
 use crate::cli::{CmdResult, Fail, parse_cache};
 use crate::open::OpenOpts;
@@ -345,7 +346,7 @@ async fn convert(req: &Request, progress: Arc<Progress>) -> CmdResult {
             )
         };
         if let Err(e) = copy_image(&snode, &window, &opts).await {
-            result = Err(Fail::msg(format!("error while converting: {e}")));
+            result = Err(copy_failure(&e, offset));
             break;
         }
         offset += len;
@@ -361,6 +362,37 @@ async fn convert(req: &Request, progress: Arc<Progress>) -> CmdResult {
 }
 
 /// The checks qemu-img makes once it knows whether the target has a backing file.
+/// qemu-img's words for a failed copy of the source that starts at byte `base` of the
+/// target: "error while {reading,writing} at byte N: <strerror>" (N the start of the chunk)
+/// or "error while reading block status at offset N: <strerror>". A qcow2 corruption is told
+/// first on a line of its own, as QEMU's `qcow2_signal_corruption` does.
+fn copy_failure(e: &strata_core::Error, base: u64) -> Fail {
+    let Some((step, detail)) = CopyFailure::of(e) else {
+        return Fail::msg(format!("error while converting: {e}"));
+    };
+    if e.kind() == ErrorKind::Corrupt {
+        if detail.starts_with("Marking image as corrupt: ") {
+            eprintln!("qcow2: {detail}");
+        } else {
+            eprintln!(
+                "qcow2: Image is corrupt: {detail}; further non-fatal corruption events will be \
+                 suppressed"
+            );
+        }
+    }
+    let why = strerror(e.kind().errno());
+    Fail::msg(match step {
+        CopyFailure::BlockStatus(at) => {
+            format!(
+                "error while reading block status at offset {}: {why}",
+                base + at
+            )
+        }
+        CopyFailure::Read(at) => format!("error while reading at byte {}: {why}", base + at),
+        CopyFailure::Write(at) => format!("error while writing at byte {}: {why}", base + at),
+    })
+}
+
 fn check_target(req: &Request, backing: &Option<String>, nsrc: usize) -> Result<(), Fail> {
     if req.target_is_zero && backing.is_some() {
         return Err(Fail::msg(

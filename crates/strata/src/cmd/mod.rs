@@ -1,6 +1,7 @@
 //! One module per subcommand: its flags (as qemu-img spells them) and its `run`.
 
 pub mod amend;
+pub mod bitmap;
 pub mod check;
 pub mod commit;
 pub mod compare;

@@ -1,5 +1,5 @@
 //! `snapshot [-f fmt] [-l | -a|-c|-d name] [-U] [-q] filename`: list internal snapshots in
-//! qemu-img's table format. Creating, applying and deleting snapshots are not supported yet.
+//! qemu-img's table format, or create, apply or delete one (qcow2 only).
 
 use crate::cli::{CmdResult, Fail};
 use crate::cmd::info;
@@ -46,12 +46,68 @@ pub fn run(a: Args) -> CmdResult {
     let [filename] = a.args.as_slice() else {
         return Err(Fail::usage("Expecting one image file name"));
     };
-    if a.create.is_some() || a.apply.is_some() || a.delete.is_some() {
-        return Err(Fail::msg(
-            "snapshot: creating, applying and deleting snapshots is not implemented yet",
-        ));
+    let action = if let Some(n) = a.create {
+        Action::Create(n)
+    } else if let Some(n) = a.apply {
+        Action::Apply(n)
+    } else if let Some(n) = a.delete {
+        Action::Delete(n)
+    } else {
+        return exec(filename, a.fmt.as_deref());
+    };
+    modify(filename, a.fmt.as_deref(), &action)
+}
+
+/// A snapshot change.
+#[derive(Debug)]
+enum Action {
+    Create(String),
+    Apply(String),
+    Delete(String),
+}
+
+/// `strerror` text of an errno, without Rust's "(os error N)" suffix.
+fn strerror(errno: i32) -> String {
+    let s = std::io::Error::from_raw_os_error(errno).to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
     }
-    exec(filename, a.fmt.as_deref())
+}
+
+/// Create, apply or delete a snapshot, with qemu-img's error texts.
+fn modify(filename: &str, fmt: Option<&str>, action: &Action) -> CmdResult {
+    let rt = crate::open::runtime()?;
+    rt.block_on(async {
+        let o = OpenOpts {
+            fmt: fmt.map(str::to_string),
+            read_only: false,
+            ..Default::default()
+        };
+        let img = crate::open::open(filename, &o).await?;
+        let res = match img.qcow2() {
+            None => Err(strata_core::Error::unsupported("Operation not supported")),
+            Some(q) => match action {
+                Action::Create(n) => q.snapshot_create(n).await,
+                Action::Apply(n) => q.snapshot_apply(n).await,
+                Action::Delete(n) => q.snapshot_delete(n).await,
+            },
+        };
+        let closed = img.close().await;
+        if let Err(e) = res {
+            return Err(Fail::msg(match action {
+                // qemu-img reports only the errno here.
+                Action::Create(n) => format!(
+                    "Could not create snapshot '{n}': {}",
+                    strerror(e.kind().errno())
+                ),
+                Action::Apply(n) => format!("Could not apply snapshot '{n}': {e}"),
+                Action::Delete(n) => format!("Could not delete snapshot '{n}': {e}"),
+            }));
+        }
+        closed?;
+        Ok(0)
+    })
 }
 
 /// List the snapshots (qemu-img's `dump_snapshots`).
