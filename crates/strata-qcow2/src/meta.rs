@@ -276,31 +276,17 @@ impl Meta {
         max_len: u64,
         merge_compressed: bool,
     ) -> Result<Run> {
-        let cs = self.cs;
-        let sc_size = self.fmt.subcluster_size();
         let end = offset + max_len;
         let mut pos = offset;
         let mut first: Option<RunKind> = None;
         while pos < end {
-            let gci = pos / cs;
-            let (l1i, l2i) = self.split_cluster(gci);
-            let in_cluster = pos % cs;
-            let (kind, run_end) = match self.l2_offset(l1i)? {
-                None => {
-                    // No L2 table: everything it would map is unallocated.
-                    let cover = self.h.l2_coverage();
-                    let table_end = (l1i + 1).saturating_mul(cover);
-                    (RunKind::Unallocated { host: None }, table_end.min(end))
-                }
-                Some(l2_off) => {
-                    self.load_l2(l2_off).await?;
-                    let s = self.slot(l2_off, l2i);
-                    let sc = (in_cluster / sc_size) as u32;
-                    let t = self.fmt.subcluster_type(s.entry, s.bitmap, sc);
-                    let n = u64::from(self.fmt.run_length(s.entry, s.bitmap, sc));
-                    let run_end = (gci * cs + (u64::from(sc) + n) * sc_size).min(end);
-                    (self.classify(t, s, in_cluster, l2_off, l2i)?, run_end)
-                }
+            let step = self.map_step(pos, end).await;
+            // Like QEMU, a bad entry after a good run ends the run; the error is reported by
+            // the next call, which starts at the bad entry, so it names the right offset.
+            let (kind, run_end) = match step {
+                Ok(step) => step,
+                Err(_) if first.is_some() => break,
+                Err(e) => return Err(e),
             };
             match first {
                 None => first = Some(kind),
@@ -325,6 +311,33 @@ impl Meta {
         Ok(Run {
             len: pos - offset,
             kind: first.expect("non-empty range"),
+        })
+    }
+
+    /// Classify the (sub)cluster at `pos` and say where its run of one kind ends (within
+    /// `end`); one step of [`Self::map_run`].
+    async fn map_step(&mut self, pos: u64, end: u64) -> Result<(RunKind, u64)> {
+        let cs = self.cs;
+        let sc_size = self.fmt.subcluster_size();
+        let gci = pos / cs;
+        let (l1i, l2i) = self.split_cluster(gci);
+        let in_cluster = pos % cs;
+        Ok(match self.l2_offset(l1i)? {
+            None => {
+                // No L2 table: everything it would map is unallocated.
+                let cover = self.h.l2_coverage();
+                let table_end = (l1i + 1).saturating_mul(cover);
+                (RunKind::Unallocated { host: None }, table_end.min(end))
+            }
+            Some(l2_off) => {
+                self.load_l2(l2_off).await?;
+                let s = self.slot(l2_off, l2i);
+                let sc = (in_cluster / sc_size) as u32;
+                let t = self.fmt.subcluster_type(s.entry, s.bitmap, sc);
+                let n = u64::from(self.fmt.run_length(s.entry, s.bitmap, sc));
+                let run_end = (gci * cs + (u64::from(sc) + n) * sc_size).min(end);
+                (self.classify(t, s, in_cluster, l2_off, l2i)?, run_end)
+            }
         })
     }
 
