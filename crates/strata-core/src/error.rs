@@ -115,6 +115,15 @@ pub fn strerror(errno: i32) -> String {
     strip_os_suffix(&io::Error::from_raw_os_error(errno))
 }
 
+/// C's `%#x`, which QEMU's messages use: `0` for zero, else `0x...`.
+pub fn hash_x(v: u64) -> String {
+    if v == 0 {
+        "0".into()
+    } else {
+        format!("{v:#x}")
+    }
+}
+
 /// `io::Error`'s Display appends " (os error N)"; QEMU prints only the strerror text.
 fn strip_os_suffix(e: &io::Error) -> String {
     let s = e.to_string();

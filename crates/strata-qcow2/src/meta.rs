@@ -13,6 +13,7 @@
 //! - a freed cluster is also not reused while a data request that looked it up earlier may
 //!   still be in flight (the epoch in [`PendingFree`]).
 
+use strata_core::error::hash_x;
 use strata_core::{Error, ErrorKind, IoBuf, NodeRef, Result, WriteFlags};
 
 use crate::cache::TableCache;
@@ -245,11 +246,13 @@ impl Meta {
         match e.l2_offset() {
             None => Ok(None),
             Some(off) if off & (self.cs - 1) != 0 => Err(Error::corrupt(format!(
-                "L2 table offset {off:#x} unaligned (L1 index: {l1i:#x})"
+                "L2 table offset {off:#x} unaligned (L1 index: {})",
+                hash_x(l1i)
             ))),
             // Only writers need this (they would write the table back there).
             Some(off) if !self.read_only && off >= self.file_end => Err(Error::corrupt(format!(
-                "L2 table offset {off:#x} is past the end of the image (L1 index: {l1i:#x})"
+                "L2 table offset {off:#x} is past the end of the image (L1 index: {})",
+                hash_x(l1i)
             ))),
             Some(off) => Ok(Some(off)),
         }
@@ -353,7 +356,10 @@ impl Meta {
         let check = |h: u64| -> Result<u64> {
             if h & (self.cs - 1) != 0 {
                 return Err(Error::corrupt(format!(
-                    "Cluster allocation offset {h:#x} unaligned (L2 offset: {l2_off:#x}, L2 index: {l2i:#x})"
+                    "Cluster allocation offset {} unaligned (L2 offset: {}, L2 index: {})",
+                    hash_x(h),
+                    hash_x(l2_off),
+                    hash_x(l2i)
                 )));
             }
             Ok(h + in_cluster)
@@ -380,7 +386,9 @@ impl Meta {
             }
             SubclusterType::Invalid => {
                 return Err(Error::corrupt(format!(
-                    "Invalid cluster entry found  (L2 offset: {l2_off:#x}, L2 index: {l2i:#x})"
+                    "Invalid cluster entry found  (L2 offset: {}, L2 index: {})",
+                    hash_x(l2_off),
+                    hash_x(l2i)
                 )));
             }
         })
@@ -395,12 +403,14 @@ impl Meta {
         let off = raw & entry::OFFSET_MASK;
         if raw & 0x1ff != 0 || off & (self.cs - 1) != 0 {
             return Err(Error::corrupt(format!(
-                "Refblock offset {raw:#x} unaligned (reftable index: {ri:#x})"
+                "Refblock offset {raw:#x} unaligned (reftable index: {})",
+                hash_x(ri)
             )));
         }
         if !self.read_only && off >= self.file_end {
             return Err(Error::corrupt(format!(
-                "Refblock offset {off:#x} is past the end of the image (reftable index: {ri:#x})"
+                "Refblock offset {off:#x} is past the end of the image (reftable index: {})",
+                hash_x(ri)
             )));
         }
         Ok((off != 0).then_some(off))

@@ -36,22 +36,10 @@ pub struct Snapshot {
 
 /// An error with an errno: the check stops and qemu-img prints `Check failed: <strerror>`.
 pub fn errno_error(errno: i32) -> Error {
-    let msg = std::io::Error::from_raw_os_error(errno).to_string();
-    let msg = match msg.find(" (os error") {
-        Some(i) => msg[..i].to_string(),
-        None => msg,
-    };
-    Error::new(ErrorKind::Io(errno), msg)
+    Error::new(ErrorKind::Io(errno), strata_core::error::strerror(errno))
 }
 
-/// `%#x` as C prints it: `0` for zero, else `0x...`.
-pub fn hash_x(v: u64) -> String {
-    if v == 0 {
-        "0".into()
-    } else {
-        format!("{v:#x}")
-    }
-}
+pub use strata_core::error::hash_x;
 
 /// The checker's view of one image and the running counters of one pass.
 #[derive(Debug)]
