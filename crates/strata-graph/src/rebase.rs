@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use strata_core::range::align_down;
 use strata_core::{Error, ErrorKind, IoBuf, NodeRef, Result, WriteFlags, ZeroFlags};
 
-use crate::copy::{CopyStats, ProgressFn};
+use crate::copy::{CompressedWrite, CopyStats, ProgressFn};
 use crate::status::{block_status_above, layer_status};
 
 /// qemu-img's `IO_BUF_SIZE`.
@@ -28,6 +28,10 @@ pub struct RebaseOptions {
     pub progress: Option<ProgressFn>,
     /// Set to stop; the rebase then fails with [`ErrorKind::Cancelled`].
     pub cancel: Option<Arc<AtomicBool>>,
+    /// Write the copied data compressed through this interface (`rebase -c`): whole,
+    /// aligned clusters go compressed, any other piece as a plain write. `write_align`
+    /// should then be the cluster size.
+    pub compress: Option<Arc<dyn CompressedWrite>>,
 }
 
 impl Default for RebaseOptions {
@@ -37,6 +41,7 @@ impl Default for RebaseOptions {
             common_base: None,
             progress: None,
             cancel: None,
+            compress: None,
         }
     }
 }
@@ -49,6 +54,7 @@ impl std::fmt::Debug for RebaseOptions {
                 "common_base",
                 &self.common_base.as_ref().map(|b| b.filename()),
             )
+            .field("compress", &self.compress.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -94,7 +100,7 @@ pub async fn rebase_data(
     new: Option<&NodeRef>,
     opts: &RebaseOptions,
 ) -> Result<CopyStats> {
-    use futures::{StreamExt, TryStreamExt};
+    use futures::TryStreamExt;
 
     let align = opts.write_align;
     if !align.is_power_of_two() {
@@ -156,12 +162,8 @@ pub async fn rebase_data(
             Job::Compare(offset, n) => (offset, n),
         };
         let bufs = pool.lock().unwrap().pop();
-        let (buf_old, buf_new) = bufs.unwrap_or_else(|| {
-            (
-                IoBuf::zeroed(CHUNK as usize),
-                IoBuf::zeroed(CHUNK as usize),
-            )
-        });
+        let (buf_old, buf_new) =
+            bufs.unwrap_or_else(|| (IoBuf::zeroed(CHUNK as usize), IoBuf::zeroed(CHUNK as usize)));
         let (mut buf_old, buf_new) = futures::try_join!(
             read_view(old, offset, n, buf_old),
             read_view(new, offset, n, buf_new)
@@ -192,6 +194,15 @@ pub async fn rebase_data(
             } else if at >= old_size {
                 image.write_zeroes(at, run, ZeroFlags::default()).await?;
                 stats.bytes_zeroed += run;
+            } else if let Some(c) = &opts.compress {
+                write_compressed(
+                    image,
+                    c.as_ref(),
+                    at,
+                    &buf_old[done as usize..(done + run) as usize],
+                )
+                .await?;
+                stats.bytes_written += run;
             } else {
                 // Write the old view's bytes straight from the read buffer (a view of it).
                 let mut piece = buf_old.split_off(done as usize);
@@ -221,6 +232,30 @@ pub async fn rebase_data(
         })
         .await?;
     Ok(stats)
+}
+
+/// Write `data` at `offset` of `image`: each whole, aligned cluster (or the image's short
+/// last one) compressed through `c`, anything else plain.
+async fn write_compressed(
+    image: &NodeRef,
+    c: &dyn CompressedWrite,
+    offset: u64,
+    data: &[u8],
+) -> Result<()> {
+    let cs = c.cluster_size();
+    let end = offset + data.len() as u64;
+    let mut at = offset;
+    while at < end {
+        let next = (align_down(at, cs) + cs).min(end);
+        let piece = IoBuf::from_slice(&data[(at - offset) as usize..(next - offset) as usize]);
+        if at.is_multiple_of(cs) && (next - at == cs || next == image.size()) {
+            c.write_compressed(at, piece).await?;
+        } else {
+            image.write(at, piece, WriteFlags::default()).await?;
+        }
+        at = next;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -279,5 +314,48 @@ mod tests {
             .await
             .unwrap();
         assert!(before[..] == after[..]);
+    }
+
+    #[derive(Debug, Default)]
+    struct Recorder {
+        writes: std::sync::Mutex<Vec<(u64, usize)>>,
+    }
+
+    impl CompressedWrite for Recorder {
+        fn cluster_size(&self) -> u64 {
+            64 * K
+        }
+        fn write_compressed(&self, offset: u64, buf: IoBuf) -> strata_core::BoxFuture<'_, ()> {
+            self.writes.lock().unwrap().push((offset, buf.len()));
+            Box::pin(async move { Ok(()) })
+        }
+    }
+
+    #[tokio::test]
+    async fn compress_writes_whole_clusters_compressed_and_the_rest_plain() {
+        // old: data in [0, 200k); new: none; image owns [0, 4k).
+        let old = chain(&[Layer::new(256 * K).data_with(0, 200 * K, 0x20)]);
+        let img = Arc::new(FakeNode::new(
+            "img",
+            Layer::new(256 * K).data_with(0, 4 * K, 0x30),
+            Some(old[0].clone()),
+        ));
+        let image: NodeRef = img.clone();
+        let rec = Arc::new(Recorder::default());
+        let opts = RebaseOptions {
+            compress: Some(rec.clone()),
+            ..Default::default()
+        };
+        let stats = rebase_data(&image, Some(&old[0]), None, &opts)
+            .await
+            .unwrap();
+        assert_eq!(stats.bytes_written, 252 * K, "{stats:?}");
+        let mut w = rec.writes.lock().unwrap().clone();
+        w.sort();
+        let c = 64 * K as usize;
+        assert_eq!(w, vec![(64 * K, c), (128 * K, c), (192 * K, c)]);
+        // The partial first cluster went in as a plain write.
+        let e = image.block_status(0, 64 * K).await.unwrap();
+        assert!(e.status.allocated && e.len == 64 * K, "{e:?}");
     }
 }

@@ -9,6 +9,7 @@ use strata_core::{IoBuf, NodeRef, WriteFlags};
 use tokio::sync::Mutex;
 
 use crate::cli::{CmdResult, Fail, parse_cache};
+use crate::cmd::common::{ForceShareArg, FormatArg, one_filename};
 use crate::units::{cvtnum, cvtnum_full};
 
 /// Flags of `bench`.
@@ -20,9 +21,8 @@ pub struct Args {
     /// Number of requests to perform in parallel
     #[arg(short = 'd', long = "depth")]
     depth: Option<String>,
-    /// Image format (default: probing is used)
-    #[arg(short = 'f', long = "format")]
-    fmt: Option<String>,
+    #[command(flatten)]
+    format: FormatArg,
     /// Use native AIO
     #[arg(short = 'n', long = "native")]
     native: bool,
@@ -56,9 +56,8 @@ pub struct Args {
     /// Do not wait for in-flight requests when flushing
     #[arg(long = "no-drain")]
     no_drain: bool,
-    /// Open in shared mode (accepted; images are not locked)
-    #[arg(short = 'U', long = "force-share")]
-    _force_share: bool,
+    #[command(flatten)]
+    _force_share: ForceShareArg,
     /// FILENAME
     #[arg(value_name = "FILENAME")]
     args: Vec<String>,
@@ -108,18 +107,18 @@ impl Plan {
         s
     }
 
-    /// The offset of request `i` (qemu-img wraps at `image_size - bufsize`).
+    /// The offset of request `i`. qemu-img 10.0.2 wraps at `image_size` (master wraps at
+    /// `image_size - bufsize`), so a wrapped request may run past the end and fail.
     pub fn offset_of(&self, i: u64, image_size: u64) -> u64 {
         if i == 0 {
             return self.offset;
         }
-        if image_size <= self.bufsize {
+        if image_size == 0 {
             return 0;
         }
-        let span = image_size - self.bufsize;
-        // Each step is reduced modulo span, so the sequence is (offset + i*step) mod span
-        // once it has wrapped; the first element is the unreduced start offset.
-        ((self.offset as u128 + i as u128 * self.step as u128) % span as u128) as u64
+        // Each step is reduced modulo the size, so the sequence is (offset + i*step) mod
+        // size once it has wrapped; the first element is the unreduced start offset.
+        ((self.offset as u128 + i as u128 * self.step as u128) % image_size as u128) as u64
     }
 }
 
@@ -184,9 +183,7 @@ pub fn run(a: Args) -> CmdResult {
         (None, true) => None,
         (None, false) => None,
     };
-    let [filename] = a.args.as_slice() else {
-        return Err(Fail::usage("Expecting one image file name"));
-    };
+    let filename = one_filename(&a.args)?;
     if !plan.write && plan.flush_interval > 0 {
         return Err(Fail::msg(
             "--flush-interval is only available in write tests",
@@ -198,7 +195,7 @@ pub fn run(a: Args) -> CmdResult {
     let rt = crate::open::runtime()?;
     rt.block_on(async {
         let opts = crate::open::OpenOpts {
-            fmt: a.fmt.clone(),
+            fmt: a.format.fmt.clone(),
             read_only: !plan.write,
             cache,
             aio,
@@ -245,6 +242,10 @@ pub async fn bench_node(node: NodeRef, plan: &Plan) -> Result<(), Fail> {
                     return Ok::<(), Fail>(());
                 }
                 let off = plan.offset_of(i, size);
+                // Like the block layer's request check: past the end is EIO.
+                if off.checked_add(plan.bufsize).is_none_or(|end| end > size) {
+                    return Err(Fail::msg("Failed request: Input/output error"));
+                }
                 {
                     let _g = gate.read().await;
                     buf = if plan.write {
@@ -316,7 +317,16 @@ mod tests {
         let p = plan();
         let size = 16384;
         let offs: Vec<u64> = (0..6).map(|i| p.offset_of(i, size)).collect();
-        assert_eq!(offs, [0, 4096, 8192, 0, 4096, 8192]);
+        // qemu-img 10.0.2 wraps at the image size, not at `size - bufsize`.
+        assert_eq!(offs, [0, 4096, 8192, 12288, 0, 4096]);
         assert_eq!(p.offset_of(5, 4096), 0);
+        assert_eq!(p.offset_of(3, 0), 0);
+        let q = Plan {
+            step: 1536 * 1024,
+            bufsize: 1 << 20,
+            ..plan()
+        };
+        let offs: Vec<u64> = (0..5).map(|i| q.offset_of(i, 4 << 20)).collect();
+        assert_eq!(offs, [0, 1536 << 10, 3 << 20, 512 << 10, 2 << 20]);
     }
 }

@@ -453,3 +453,134 @@ fn snapshot_sequence_matches_qemu_bytes() {
     let b = without_dates(&s.path().join("s.qcow2"));
     assert!(a == b, "images differ beyond the snapshot dates");
 }
+
+/// `bench -w` writes the same clusters as qemu-img 10.0.2, which wraps the request offset at
+/// the image size (not at `size - bufsize` as QEMU master does): all 64 MiB, not 63.
+#[test]
+fn bench_wraps_like_qemu_img_10_0() {
+    if !have_qemu() {
+        return;
+    }
+    // Run `bench -w ARGS` on a fresh 64M image with each tool; (map, allocation line of
+    // `check`) for qemu-img and for strata.
+    let run = |args: &[&str]| -> Vec<(String, String)> {
+        [false, true]
+            .into_iter()
+            .map(|use_strata| {
+                let t = tmp();
+                let d = t.path();
+                qemu_ok(d, &["create", "-q", "-f", "qcow2", "x", "64M"]);
+                let mut cmd = vec!["bench", "-w"];
+                cmd.extend_from_slice(args);
+                cmd.push("x");
+                if use_strata {
+                    strata_ok(d, &cmd);
+                } else {
+                    qemu_ok(d, &cmd);
+                }
+                let chk = qemu_ok(d, &["check", "x"]).stdout;
+                let alloc = chk.lines().find(|l| l.contains("allocated")).unwrap_or("");
+                let alloc = alloc.split(',').next().unwrap().to_string();
+                let map = qemu_ok(d, &["map", "--output=json", "x"]).stdout;
+                (map, alloc)
+            })
+            .collect()
+    };
+    // In parallel the host offsets depend on completion order: compare what is allocated.
+    let r = run(&["-c", "64", "-s", "1M", "-S", "1M"]);
+    assert_eq!(r[0].1, "1024/1024 = 100.00% allocated");
+    assert_eq!(r[1].1, r[0].1);
+    // One request at a time: the maps are the same byte for byte.
+    for args in [
+        &["-c", "64", "-d", "1", "-s", "1M", "-S", "1M"][..],
+        &["-c", "80", "-d", "1", "-s", "1M", "-S", "3M"][..],
+        &["-c", "5", "-d", "1", "-s", "1M", "-S", "1536K", "-o", "2M"][..],
+    ] {
+        let r = run(args);
+        assert_eq!(r[1], r[0], "bench {args:?}");
+    }
+    // A wrapped request that runs past the end fails as qemu-img's does.
+    let setup = |d: &Path| {
+        qemu_ok(d, &["create", "-q", "-f", "qcow2", "x", "4M"]);
+    };
+    both(
+        &setup,
+        &["bench", "-w", "-c", "2", "-s", "1M", "-S", "3584K", "x"],
+    );
+}
+
+/// base 0x11 in [0, 4M) <- mid 0x22 in [1M, 3M), 0x33 in [5M, 5M+100k) <- top 0x44 in
+/// [1.5M, 1.5M+64k); `top0.qcow2` is a copy of the untouched top.
+fn rebase_c_setup(d: &Path) {
+    qemu_ok(d, &["create", "-q", "-f", "qcow2", "base.qcow2", "8M"]);
+    qemu_io(d, "qcow2", "base.qcow2", &["write -P 0x11 0 4M"]);
+    for (img, back) in [("mid.qcow2", "base.qcow2"), ("top.qcow2", "mid.qcow2")] {
+        qemu_ok(
+            d,
+            &[
+                "create", "-q", "-f", "qcow2", "-b", back, "-F", "qcow2", img,
+            ],
+        );
+    }
+    qemu_io(
+        d,
+        "qcow2",
+        "mid.qcow2",
+        &["write -P 0x22 1M 2M", "write -P 0x33 5M 100k"],
+    );
+    qemu_io(d, "qcow2", "top.qcow2", &["write -P 0x44 1536k 64k"]);
+    std::fs::copy(d.join("top.qcow2"), d.join("top0.qcow2")).unwrap();
+}
+
+/// `rebase -c` writes the copied data as compressed clusters, like qemu-img.
+#[test]
+fn rebase_compressed_like_qemu() {
+    if !have_qemu() {
+        return;
+    }
+    let (q, s) = both(
+        &rebase_c_setup,
+        &[
+            "rebase",
+            "-c",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    let maps: Vec<String> = [&q, &s]
+        .into_iter()
+        .map(|t| {
+            let d = t.path();
+            check(d, "top.qcow2");
+            assert_eq!(qemu_compare(d, "top0.qcow2", "top.qcow2"), 0);
+            qemu_ok(d, &["map", "--output=json", "top.qcow2"]).stdout
+        })
+        .collect();
+    assert_eq!(maps[1], maps[0]);
+    // mid's data now lives in top, compressed; top's own cluster stays plain.
+    assert!(
+        maps[1].contains(
+            "{ \"start\": 1048576, \"length\": 524288, \"depth\": 0, \"present\": true, \"zero\": false, \"data\": true, \"compressed\": true}"
+        ),
+        "{}",
+        maps[1]
+    );
+    qemu_io(
+        s.path(),
+        "qcow2",
+        "top.qcow2",
+        &[
+            "read -P 0x22 1M 512k",
+            "read -P 0x44 1536k 64k",
+            "read -P 0x33 5M 100k",
+        ],
+    );
+    // Not qcow2: refused as qemu-img does.
+    let setup = |d: &Path| {
+        qemu_ok(d, &["create", "-q", "-f", "raw", "r.raw", "1M"]);
+    };
+    both(&setup, &["rebase", "-c", "-f", "raw", "-b", "", "r.raw"]);
+}

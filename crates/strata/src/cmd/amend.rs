@@ -1,7 +1,8 @@
 //! `amend [-f fmt] [-t cache] [--force] [-p] [-q] -o options filename`: change qcow2 header
 //! options in place.
 
-use crate::cli::{CacheMode, CmdResult, Fail, parse_cache};
+use crate::cli::{CacheMode, CmdResult, Fail};
+use crate::cmd::common::{CacheArg, FormatArg, ProgressArgs};
 use crate::open::OpenOpts;
 use crate::options::Opts;
 use crate::progress::Progress;
@@ -12,21 +13,15 @@ pub struct Args {
     /// Options to change
     #[arg(short = 'o', long = "options")]
     options: Vec<String>,
-    /// Image format (default: probing is used)
-    #[arg(short = 'f', long = "format")]
-    fmt: Option<String>,
-    /// Cache mode (default: writeback)
-    #[arg(short = 't', long = "cache", default_value = "writeback")]
-    cache: String,
+    #[command(flatten)]
+    format: FormatArg,
+    #[command(flatten)]
+    cache: CacheArg,
     /// Allow certain unsafe operations
     #[arg(long = "force")]
     force: bool,
-    /// Show progress
-    #[arg(short = 'p', long = "progress")]
-    progress: bool,
-    /// Quiet mode
-    #[arg(short = 'q', long = "quiet")]
-    quiet: bool,
+    #[command(flatten)]
+    pq: ProgressArgs,
     /// FILENAME
     #[arg(value_name = "FILENAME")]
     args: Vec<String>,
@@ -37,9 +32,9 @@ pub fn run(a: Args) -> CmdResult {
     let Some(options) = crate::options::accumulate(&a.options)? else {
         return Err(Fail::usage("Must specify options (-o)"));
     };
-    let progress = a.progress && !a.quiet;
+    let progress = a.pq.show();
     let help = crate::options::has_help(&options);
-    if let Some(fmt) = &a.fmt
+    if let Some(fmt) = &a.format.fmt
         && help
     {
         return print_help(fmt);
@@ -47,12 +42,10 @@ pub fn run(a: Args) -> CmdResult {
     let [filename] = a.args.as_slice() else {
         return Err(Fail::msg("Expecting one image file name"));
     };
-    let Some(cache) = parse_cache(&a.cache) else {
-        return Err(Fail::msg(format!("Invalid cache option: {}", a.cache)));
-    };
+    let cache = a.cache.mode()?;
     exec(
         filename,
-        a.fmt.as_deref(),
+        a.format.fmt.as_deref(),
         &options,
         cache,
         a.force,

@@ -5,23 +5,21 @@
 
 use strata_qcow2::check::{self, RepairMode};
 
-use crate::cli::{CmdResult, Fail, OutputFormat, parse_cache, parse_output};
+use crate::cli::{CmdResult, Fail, OutputFormat, parse_output};
+use crate::cmd::common::{ForceShareArg, FormatArg, SourceCacheArg, one_filename};
 
 /// Flags of `check`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Image format (default: probing is used)
-    #[arg(short = 'f', long = "format")]
-    fmt: Option<String>,
-    /// Cache mode (default: writeback)
-    #[arg(short = 'T', long = "cache", default_value = "writeback")]
-    cache: String,
+    #[command(flatten)]
+    format: FormatArg,
+    #[command(flatten)]
+    cache: SourceCacheArg,
     /// Repair leaks or all errors
     #[arg(short = 'r', long = "repair")]
     repair: Option<String>,
-    /// Open in shared mode (accepted; images are not locked)
-    #[arg(short = 'U', long = "force-share")]
-    _force_share: bool,
+    #[command(flatten)]
+    _force_share: ForceShareArg,
     /// Output format: human or json
     #[arg(long = "output")]
     output: Option<String>,
@@ -57,16 +55,16 @@ pub fn run(a: Args) -> CmdResult {
         }
     };
     let output = parse_output(a.output.as_deref())?;
-    let [filename] = a.args.as_slice() else {
-        return Err(Fail::usage("Expecting one image file name"));
-    };
-    let Some(cache) = parse_cache(&a.cache) else {
-        return Err(Fail::msg(format!(
-            "Invalid source cache option: {}",
-            a.cache
-        )));
-    };
-    exec(filename, a.fmt.as_deref(), cache, repair, output, a.quiet)
+    let filename = one_filename(&a.args)?;
+    let cache = a.cache.mode()?;
+    exec(
+        filename,
+        a.format.fmt.as_deref(),
+        cache,
+        repair,
+        output,
+        a.quiet,
+    )
 }
 
 /// Carry out the check on the protocol node (a damaged image must not need a full open).

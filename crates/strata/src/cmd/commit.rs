@@ -6,7 +6,8 @@ use std::sync::Arc;
 use strata_core::NodeRef;
 use strata_graph::{CopyOptions, TargetInit, copy_image};
 
-use crate::cli::{CacheMode, CmdResult, Fail, parse_cache};
+use crate::cli::{CacheMode, CmdResult, Fail};
+use crate::cmd::common::{CacheArg, FormatArg, ProgressArgs, one_filename};
 use crate::open::OpenOpts;
 use crate::progress::Progress;
 use crate::units::cvtnum;
@@ -14,12 +15,10 @@ use crate::units::cvtnum;
 /// Flags of `commit`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Image format (default: probing is used)
-    #[arg(short = 'f', long = "format")]
-    fmt: Option<String>,
-    /// Cache mode (default: writeback)
-    #[arg(short = 't', long = "cache", default_value = "writeback")]
-    cache: String,
+    #[command(flatten)]
+    format: FormatArg,
+    #[command(flatten)]
+    cache: CacheArg,
     /// Commit into this image of the backing chain (implies -d)
     #[arg(short = 'b', long = "base")]
     base: Option<String>,
@@ -29,12 +28,8 @@ pub struct Args {
     /// I/O rate limit (bytes per second)
     #[arg(short = 'r', long = "rate-limit")]
     rate: Option<String>,
-    /// Show progress
-    #[arg(short = 'p', long = "progress")]
-    progress: bool,
-    /// Quiet mode
-    #[arg(short = 'q', long = "quiet")]
-    quiet: bool,
+    #[command(flatten)]
+    pq: ProgressArgs,
     /// FILENAME
     #[arg(value_name = "FILENAME")]
     args: Vec<String>,
@@ -46,23 +41,19 @@ pub fn run(a: Args) -> CmdResult {
         Some(r) => Some(cvtnum("rate limit", r, true)? as u64),
         None => None,
     };
-    let [filename] = a.args.as_slice() else {
-        return Err(Fail::usage("Expecting one image file name"));
-    };
-    let Some(cache) = parse_cache(&a.cache) else {
-        return Err(Fail::msg(format!("Invalid cache option: {}", a.cache)));
-    };
+    let filename = one_filename(&a.args)?;
+    let cache = a.cache.mode()?;
     let drop = a.drop || a.base.is_some();
-    let progress = a.progress && !a.quiet;
+    let progress = a.pq.show();
     exec(
         filename,
-        a.fmt.as_deref(),
+        a.format.fmt.as_deref(),
         cache,
         a.base.as_deref(),
         drop,
         rate,
         progress,
-        a.quiet,
+        a.pq.quiet,
     )
 }
 
@@ -102,6 +93,7 @@ async fn commit(
         read_only: false,
         cache,
         backing_writable: true,
+        bulk: true,
         ..Default::default()
     };
     let img = crate::open::open(filename, &opts).await?;

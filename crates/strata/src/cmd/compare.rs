@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use strata_graph::compare::CompareOptions;
 
-use crate::cli::{CmdResult, Fail, parse_cache};
+use crate::cli::{CmdResult, Fail};
+use crate::cmd::common::{ForceShareArg, ProgressArgs, SourceCacheArg};
 use crate::progress::Progress;
 
 /// Flags of `compare`.
@@ -20,18 +21,12 @@ pub struct Args {
     /// Strict mode: sizes and allocation must match too
     #[arg(short = 's', long = "strict")]
     strict: bool,
-    /// Cache mode (default: writeback)
-    #[arg(short = 'T', long = "cache", default_value = "writeback")]
-    cache: String,
-    /// Open in shared mode (accepted; images are not locked)
-    #[arg(short = 'U', long = "force-share")]
-    _force_share: bool,
-    /// Show progress
-    #[arg(short = 'p', long = "progress")]
-    progress: bool,
-    /// Quiet mode
-    #[arg(short = 'q', long = "quiet")]
-    quiet: bool,
+    #[command(flatten)]
+    cache: SourceCacheArg,
+    #[command(flatten)]
+    _force_share: ForceShareArg,
+    #[command(flatten)]
+    pq: ProgressArgs,
     /// FILENAME1 FILENAME2
     #[arg(value_name = "FILENAME")]
     args: Vec<String>,
@@ -42,10 +37,9 @@ pub fn run(a: Args) -> CmdResult {
     let [f1, f2] = a.args.as_slice() else {
         return Err(Fail::usage("Expecting two image file names"));
     };
-    let Some(cache) = parse_cache(&a.cache) else {
-        return Err(Fail::msg(format!("Invalid source cache option: {}", a.cache)).with_code(2));
-    };
-    let progress = a.progress && !a.quiet;
+    // compare's errors exit 2 ("error while comparing").
+    let cache = a.cache.mode().map_err(|e| e.with_code(2))?;
+    let progress = a.pq.show();
     let bar = Arc::new(Progress::new(progress, 2.0));
     let rt = crate::open::runtime()?;
     let code = rt.block_on(async {
@@ -74,7 +68,7 @@ pub fn run(a: Args) -> CmdResult {
         let _ = img1.close().await;
         match outcome {
             Ok(o) => {
-                crate::qprint!(a.quiet, "{}", o.text());
+                crate::qprint!(a.pq.quiet, "{}", o.text());
                 Ok(o.exit_code())
             }
             Err(e) => Err(Fail::msg(e.error.message().to_string()).with_code(e.exit_code)),

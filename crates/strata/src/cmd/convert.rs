@@ -7,7 +7,8 @@ use strata_core::error::strerror;
 use strata_core::{ErrorKind, NodeRef};
 use strata_graph::{CompressedWrite, CopyFailure, CopyOptions, RawOptions, TargetInit, copy_image};
 
-use crate::cli::{CmdResult, Fail, parse_cache};
+use crate::cli::{CmdResult, Fail};
+use crate::cmd::common::{ForceShareArg, ProgressArgs, cache_option, source_cache_option};
 use crate::open::OpenOpts;
 use crate::options::{Opts, create_opts};
 use crate::progress::Progress;
@@ -55,9 +56,8 @@ pub struct Args {
     /// Consecutive zero bytes to treat as a gap
     #[arg(short = 'S', long = "sparse-size")]
     sparse: Option<String>,
-    /// Open in shared mode (accepted; images are not locked)
-    #[arg(short = 'U', long = "force-share")]
-    _force_share: bool,
+    #[command(flatten)]
+    _force_share: ForceShareArg,
     /// I/O rate limit (bytes per second)
     #[arg(short = 'r', long = "rate")]
     rate: Option<String>,
@@ -67,12 +67,8 @@ pub struct Args {
     /// Allow out-of-order writes
     #[arg(short = 'W', long = "oob-writes")]
     oob_writes: bool,
-    /// Show progress
-    #[arg(short = 'p', long = "progress")]
-    progress: bool,
-    /// Quiet mode
-    #[arg(short = 'q', long = "quiet")]
-    quiet: bool,
+    #[command(flatten)]
+    pq: ProgressArgs,
     /// SRC_FILENAME... TGT_FILENAME
     #[arg(value_name = "FILENAME")]
     args: Vec<String>,
@@ -161,15 +157,8 @@ pub fn run(a: Args) -> CmdResult {
     if a.args.len() < 2 {
         return Err(Fail::msg("Must specify image file name"));
     }
-    let Some(src_cache) = parse_cache(&a.src_cache) else {
-        return Err(Fail::msg(format!(
-            "Invalid source cache option: {}",
-            a.src_cache
-        )));
-    };
-    let Some(cache) = parse_cache(&a.cache) else {
-        return Err(Fail::msg(format!("Invalid cache option: {}", a.cache)));
-    };
+    let src_cache = source_cache_option(&a.src_cache)?;
+    let cache = cache_option(&a.cache)?;
     let mut sources = a.args;
     let target = sources.pop().unwrap_or_default();
     let req = Request {
@@ -188,7 +177,7 @@ pub fn run(a: Args) -> CmdResult {
         min_sparse,
         parallel,
         oob_writes: a.oob_writes,
-        progress: a.progress && !a.quiet,
+        progress: a.pq.show(),
     };
     exec(req)
 }
@@ -279,6 +268,8 @@ async fn convert(req: &Request, progress: Arc<Progress>) -> CmdResult {
         fmt: Some(req.out_fmt.clone()),
         read_only: false,
         cache: req.cache,
+        // Compressed clusters are small unaligned writes: keep those in the page cache.
+        bulk: !req.compress,
         ..Default::default()
     };
     let target = crate::open::open(&req.target, &topts).await?;

@@ -3,6 +3,7 @@
 use strata_core::{IoBuf, WriteFlags};
 
 use crate::cli::{CmdResult, Fail};
+use crate::cmd::common::ForceShareArg;
 use crate::open::OpenOpts;
 use crate::options::{Opts, create_opts};
 use crate::units::{cvtnum, cvtnum_full};
@@ -16,9 +17,8 @@ pub struct Args {
     /// Output format (default: raw)
     #[arg(short = 'O', long = "output-format", default_value = "raw")]
     out_fmt: String,
-    /// Open in shared mode (accepted; images are not locked)
-    #[arg(short = 'U', long = "force-share")]
-    _force_share: bool,
+    #[command(flatten)]
+    _force_share: ForceShareArg,
     /// Operands: bs=, count=, skip=, if=, of=
     #[arg(value_name = "OPERAND")]
     operands: Vec<String>,

@@ -9,21 +9,20 @@ use strata_core::NodeRef;
 use strata_qcow2::Qcow2;
 
 use crate::cli::{CmdResult, Fail, OutputFormat, parse_output};
+use crate::cmd::common::{ForceShareArg, FormatArg, one_filename};
 use crate::open::OpenOpts;
 use crate::output::{QDict, QObj, dump_human, size_to_str, to_json_pretty};
 
 /// Flags of `info`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Image format (default: probing is used)
-    #[arg(short = 'f', long = "format")]
-    fmt: Option<String>,
+    #[command(flatten)]
+    format: FormatArg,
     /// Show the whole backing chain
     #[arg(short = 'b', long = "backing-chain")]
     chain: bool,
-    /// Open in shared mode (accepted; images are not locked)
-    #[arg(short = 'U', long = "force-share")]
-    _force_share: bool,
+    #[command(flatten)]
+    _force_share: ForceShareArg,
     /// Output format: human or json
     #[arg(long = "output")]
     output: Option<String>,
@@ -318,10 +317,8 @@ pub fn render(list: &[NodeInfo], fmt: OutputFormat, chain: bool) -> String {
 /// Run `info`.
 pub fn run(a: Args) -> CmdResult {
     let output = parse_output(a.output.as_deref())?;
-    let [filename] = a.args.as_slice() else {
-        return Err(Fail::usage("Expecting one image file name"));
-    };
-    let list = collect_info_list(filename, a.fmt.as_deref(), a.chain)?;
+    let filename = one_filename(&a.args)?;
+    let list = collect_info_list(filename, a.format.fmt.as_deref(), a.chain)?;
     print!("{}", render(&list, output, a.chain));
     Ok(0)
 }

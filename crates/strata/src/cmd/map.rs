@@ -1,15 +1,15 @@
 //! `map [-f fmt] [--output=human|json] [--start-offset OFFSET] [--max-length LENGTH] [-U]
 //! filename`.
 
-use crate::cli::{CmdResult, Fail, OutputFormat, parse_output};
+use crate::cli::{CmdResult, OutputFormat, parse_output};
+use crate::cmd::common::{ForceShareArg, FormatArg, one_filename};
 use crate::units::cvtnum;
 
 /// Flags of `map`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Image format (default: probing is used)
-    #[arg(short = 'f', long = "format")]
-    fmt: Option<String>,
+    #[command(flatten)]
+    format: FormatArg,
     /// Start at this offset in the image
     #[arg(short = 's', long = "start-offset")]
     start_offset: Option<String>,
@@ -19,9 +19,8 @@ pub struct Args {
     /// Output format: human or json
     #[arg(long = "output")]
     output: Option<String>,
-    /// Open in shared mode (accepted; images are not locked)
-    #[arg(short = 'U', long = "force-share")]
-    _force_share: bool,
+    #[command(flatten)]
+    _force_share: ForceShareArg,
     /// FILENAME
     #[arg(value_name = "FILENAME")]
     args: Vec<String>,
@@ -38,13 +37,11 @@ pub fn run(a: Args) -> CmdResult {
         None => None,
     };
     let output = parse_output(a.output.as_deref())?;
-    let [filename] = a.args.as_slice() else {
-        return Err(Fail::usage("Expecting one image file name"));
-    };
+    let filename = one_filename(&a.args)?;
     let rt = crate::open::runtime()?;
     rt.block_on(async {
         let opts = crate::open::OpenOpts {
-            fmt: a.fmt.clone(),
+            fmt: a.format.fmt.clone(),
             ..Default::default()
         };
         let img = crate::open::open(filename, &opts).await?;

@@ -4,6 +4,7 @@
 use strata_qcow2::measure::{InputBitmap, MeasureInput, MeasureOptions, Measurement};
 
 use crate::cli::{CmdResult, Fail, OutputFormat, parse_output};
+use crate::cmd::common::ForceShareArg;
 use crate::open::OpenOpts;
 use crate::options::{Opts, create_opts};
 use crate::units::cvtnum;
@@ -26,9 +27,8 @@ pub struct Args {
     /// Output format: human or json
     #[arg(long = "output")]
     output: Option<String>,
-    /// Open in shared mode (accepted; images are not locked)
-    #[arg(short = 'U', long = "force-share")]
-    _force_share: bool,
+    #[command(flatten)]
+    _force_share: ForceShareArg,
     /// Measure for an image of this size
     #[arg(short = 's', long = "size")]
     size: Option<String>,

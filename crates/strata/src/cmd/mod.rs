@@ -4,6 +4,7 @@ pub mod amend;
 pub mod bitmap;
 pub mod check;
 pub mod commit;
+pub mod common;
 pub mod compare;
 pub mod convert;
 pub mod create;

@@ -7,17 +7,19 @@ use std::sync::Arc;
 use strata_core::NodeRef;
 use strata_graph::{RebaseOptions, rebase_data};
 
-use crate::cli::{CacheMode, CmdResult, Fail, parse_cache};
+use crate::cli::{CacheMode, CmdResult, Fail};
+use crate::cmd::common::{
+    ForceShareArg, FormatArg, ProgressArgs, cache_option, one_filename, source_cache_option,
+};
 use crate::open::OpenOpts;
 use crate::progress::Progress;
-use strata_graph::Qcow2Compressed;
+use strata_graph::{CompressedWrite, Qcow2Compressed};
 
 /// Flags of `rebase`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Image format (default: probing is used)
-    #[arg(short = 'f', long = "format")]
-    fmt: Option<String>,
+    #[command(flatten)]
+    format: FormatArg,
     /// Cache mode for the image (default: writeback)
     #[arg(short = 't', long = "cache", default_value = "writeback")]
     cache: String,
@@ -36,15 +38,10 @@ pub struct Args {
     /// Compress the data written into the image
     #[arg(short = 'c', long = "compress")]
     compress: bool,
-    /// Open in shared mode (accepted; images are not locked)
-    #[arg(short = 'U', long = "force-share")]
-    _force_share: bool,
-    /// Show progress
-    #[arg(short = 'p', long = "progress")]
-    progress: bool,
-    /// Quiet mode
-    #[arg(short = 'q', long = "quiet")]
-    quiet: bool,
+    #[command(flatten)]
+    _force_share: ForceShareArg,
+    #[command(flatten)]
+    pq: ProgressArgs,
     /// FILENAME
     #[arg(value_name = "FILENAME")]
     args: Vec<String>,
@@ -52,27 +49,18 @@ pub struct Args {
 
 /// Run `rebase`.
 pub fn run(a: Args) -> CmdResult {
-    let [filename] = a.args.as_slice() else {
-        return Err(Fail::usage("Expecting one image file name"));
-    };
+    let filename = one_filename(&a.args)?;
     if !a.unsafe_mode && a.backing.is_none() {
         return Err(Fail::usage(
             "Must specify backing file (-b) or use unsafe mode (-u)",
         ));
     }
-    let Some(cache) = parse_cache(&a.cache) else {
-        return Err(Fail::msg(format!("Invalid cache option: {}", a.cache)));
-    };
-    if parse_cache(&a.src_cache).is_none() {
-        return Err(Fail::msg(format!(
-            "Invalid source cache option: {}",
-            a.src_cache
-        )));
-    }
-    let progress = a.progress && !a.quiet;
+    let cache = cache_option(&a.cache)?;
+    source_cache_option(&a.src_cache)?;
+    let progress = a.pq.show();
     exec(
         filename,
-        a.fmt.as_deref(),
+        a.format.fmt.as_deref(),
         cache,
         a.backing.as_deref(),
         a.backing_fmt.as_deref(),
@@ -103,6 +91,9 @@ fn exec(
             read_only: false,
             cache,
             no_backing: unsafe_mode,
+            // A safe rebase copies data into the image; compressed clusters are small
+            // unaligned writes that stay in the page cache.
+            bulk: !unsafe_mode && !compress,
             ..Default::default()
         };
         let img = crate::open::open(filename, &opts).await?;
@@ -135,13 +126,14 @@ async fn rebase(
     bar: &Arc<Progress>,
 ) -> Result<(), Fail> {
     let top = img.node();
-    if compress {
-        if Qcow2Compressed::new(&top).is_none() {
-            return Err(Fail::msg("Compression not supported for this file format"));
+    let compressor = if compress {
+        match Qcow2Compressed::new(&top) {
+            Some(c) => Some(c),
+            None => return Err(Fail::msg("Compression not supported for this file format")),
         }
-        // The graph's rebase copy writes plain clusters only.
-        return Err(Fail::msg("rebase: -c (compress) is not implemented yet"));
-    }
+    } else {
+        None
+    };
     if let Some(f) = backing_fmt
         && !crate::options::is_known_format(f)
     {
@@ -176,8 +168,15 @@ async fn rebase(
             None
         });
         let report = bar.clone();
+        // Compressed writes cover whole clusters (qemu-img aligns to the cluster, not the
+        // subcluster, then).
+        let write_align = match &compressor {
+            Some(c) => c.cluster_size(),
+            None => write_align(&top),
+        };
         let opts = RebaseOptions {
-            write_align: write_align(&top),
+            write_align,
+            compress: compressor.map(|c| Arc::new(c) as Arc<dyn CompressedWrite>),
             common_base,
             progress: Some(Arc::new(move |done, total| {
                 report.set_fraction(done, total)

@@ -5,14 +5,14 @@ use std::ffi::OsString;
 use strata_core::Prealloc;
 
 use crate::cli::{CmdResult, Fail};
+use crate::cmd::common::FormatArg;
 use crate::options::{Opts, create_opts};
 
 /// Flags of `resize`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Image format (default: probing is used)
-    #[arg(short = 'f', long = "format")]
-    fmt: Option<String>,
+    #[command(flatten)]
+    format: FormatArg,
     /// Preallocation mode for the new area
     #[arg(long = "preallocation")]
     prealloc: Option<String>,
@@ -73,7 +73,7 @@ pub fn run(a: Args) -> CmdResult {
     let (rel, n) = parse_relative(size)?;
     exec(
         filename,
-        a.fmt.as_deref(),
+        a.format.fmt.as_deref(),
         rel,
         n,
         prealloc,

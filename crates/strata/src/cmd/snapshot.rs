@@ -1,16 +1,18 @@
 //! `snapshot [-f fmt] [-l | -a|-c|-d name] [-U] [-q] filename`: list internal snapshots in
 //! qemu-img's table format, or create, apply or delete one (qcow2 only).
 
+use strata_core::error::strerror;
+
 use crate::cli::{CmdResult, Fail};
+use crate::cmd::common::{ForceShareArg, FormatArg, one_filename};
 use crate::cmd::info;
 use crate::open::OpenOpts;
 
 /// Flags of `snapshot`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Image format (default: probing is used)
-    #[arg(short = 'f', long = "format")]
-    fmt: Option<String>,
+    #[command(flatten)]
+    format: FormatArg,
     /// List snapshots (the default)
     #[arg(short = 'l', long = "list")]
     list: bool,
@@ -23,9 +25,8 @@ pub struct Args {
     /// Delete a snapshot
     #[arg(short = 'd', long = "delete")]
     delete: Option<String>,
-    /// Open in shared mode (accepted; images are not locked)
-    #[arg(short = 'U', long = "force-share")]
-    _force_share: bool,
+    #[command(flatten)]
+    _force_share: ForceShareArg,
     /// Quiet mode
     #[arg(short = 'q', long = "quiet")]
     quiet: bool,
@@ -43,9 +44,7 @@ pub fn run(a: Args) -> CmdResult {
     if actions > 1 {
         return Err(Fail::usage("Cannot mix '-l', '-a', '-c', '-d'"));
     }
-    let [filename] = a.args.as_slice() else {
-        return Err(Fail::usage("Expecting one image file name"));
-    };
+    let filename = one_filename(&a.args)?;
     let action = if let Some(n) = a.create {
         Action::Create(n)
     } else if let Some(n) = a.apply {
@@ -53,9 +52,9 @@ pub fn run(a: Args) -> CmdResult {
     } else if let Some(n) = a.delete {
         Action::Delete(n)
     } else {
-        return exec(filename, a.fmt.as_deref());
+        return exec(filename, a.format.fmt.as_deref());
     };
-    modify(filename, a.fmt.as_deref(), &action)
+    modify(filename, a.format.fmt.as_deref(), &action)
 }
 
 /// A snapshot change.
@@ -64,15 +63,6 @@ enum Action {
     Create(String),
     Apply(String),
     Delete(String),
-}
-
-/// `strerror` text of an errno, without Rust's "(os error N)" suffix.
-fn strerror(errno: i32) -> String {
-    let s = std::io::Error::from_raw_os_error(errno).to_string();
-    match s.find(" (os error") {
-        Some(i) => s[..i].to_string(),
-        None => s,
-    }
 }
 
 /// Create, apply or delete a snapshot, with qemu-img's error texts.
