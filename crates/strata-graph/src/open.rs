@@ -71,15 +71,6 @@ impl CacheMode {
     pub fn no_flush(self) -> bool {
         self == CacheMode::Unsafe
     }
-
-    /// Whether a bulk copy may write with O_DIRECT although the mode itself does not ask for
-    /// it: `writeback` only promises "durable after a flush" and `unsafe` not even that, and
-    /// an O_DIRECT write followed by the same flush keeps both promises. The other modes
-    /// already say what they want (`none`/`directsync` are direct; `writethrough` stays
-    /// cached and flushes every write, as the user asked).
-    pub fn bulk_may_bypass_cache(self) -> bool {
-        matches!(self, CacheMode::Writeback | CacheMode::Unsafe)
-    }
 }
 
 /// Whether to open the backing chain.
@@ -110,13 +101,6 @@ pub struct ImageOptions {
     /// Open backing files read-write as well (commit writes into a backing file); they
     /// are read-only otherwise.
     pub backing_writable: bool,
-    /// The image is the target of a one-pass bulk copy (convert, commit, rebase): where the
-    /// cache mode allows it ([`CacheMode::bulk_may_bypass_cache`]), its writable files are
-    /// opened with O_DIRECT so that gigabytes of data are not copied through the page cache
-    /// (the file node's alignment handling covers the few small metadata writes). Read-only
-    /// files keep the cache mode's choice: measured on cold caches, O_DIRECT source reads
-    /// gained nothing over readahead, and they lose the page cache on warm runs.
-    pub bulk: bool,
 }
 
 /// An opened image: its top node, its format, and warnings for the user.
@@ -178,24 +162,12 @@ struct ChainOpener<'a> {
 /// Open the protocol node for `path`, with the cache mode's flush policy on top when it
 /// has one (writable files only).
 fn open_file(path: &str, read_only: bool, opts: &ImageOptions) -> Result<NodeRef> {
-    let bulk_direct = opts.bulk && !read_only && opts.cache.bulk_may_bypass_cache();
     let fo = FileOptions {
         read_only,
-        direct: opts.cache.direct() || bulk_direct,
+        direct: opts.cache.direct(),
         aio: opts.aio,
     };
-    let file: NodeRef = match FileNode::open(Path::new(path), &fo) {
-        // O_DIRECT was only an optimisation here: a file system without it (tmpfs) gets
-        // the page cache, as the cache mode says.
-        Err(_) if bulk_direct && !opts.cache.direct() => FileNode::open(
-            Path::new(path),
-            &FileOptions {
-                direct: false,
-                ..fo
-            },
-        )?,
-        r => r?,
-    };
+    let file: NodeRef = FileNode::open(Path::new(path), &fo)?;
     let (wt, no_flush) = (opts.cache.writethrough(), opts.cache.no_flush());
     if read_only || !(wt || no_flush) {
         return Ok(file);
@@ -630,46 +602,10 @@ mod tests {
         assert!(CacheMode::parse("none").unwrap().direct());
         assert!(CacheMode::parse("directsync").unwrap().writethrough());
         assert!(CacheMode::parse("unsafe").unwrap().no_flush());
-        for (mode, bulk) in [
-            ("none", false),
-            ("writeback", true),
-            ("writethrough", false),
-            ("directsync", false),
-            ("unsafe", true),
-        ] {
-            assert_eq!(
-                CacheMode::parse(mode).unwrap().bulk_may_bypass_cache(),
-                bulk,
-                "{mode}"
-            );
-        }
         assert_eq!(
             CacheMode::parse("bogus").unwrap_err().message(),
             "Invalid cache option: bogus"
         );
-    }
-
-    /// A bulk open works on tmpfs (which refuses O_DIRECT before Linux 6.6: the page cache
-    /// is then used).
-    #[tokio::test]
-    async fn bulk_open_without_o_direct_support() {
-        let dir = Path::new("/dev/shm");
-        if !dir.is_dir() {
-            return;
-        }
-        let path = dir.join(format!("strata-bulk-open-{}", std::process::id()));
-        std::fs::write(&path, vec![0u8; 8192]).unwrap();
-        let opts = ImageOptions {
-            bulk: true,
-            ..Default::default()
-        };
-        let file = open_file(path.to_str().unwrap(), false, &opts);
-        let _ = std::fs::remove_file(&path);
-        let file = file.unwrap();
-        let buf = file
-            .write(0, IoBuf::zeroed(512), strata_core::WriteFlags::default())
-            .await;
-        assert!(buf.is_ok());
     }
 
     #[tokio::test]

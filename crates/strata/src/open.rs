@@ -23,8 +23,6 @@ pub struct OpenOpts {
     pub no_backing: bool,
     /// Open the backing files writable too (commit writes into one).
     pub backing_writable: bool,
-    /// The image is the target of a bulk copy (`ImageOptions::bulk`).
-    pub bulk: bool,
 }
 
 impl Default for OpenOpts {
@@ -36,7 +34,6 @@ impl Default for OpenOpts {
             aio: None,
             no_backing: false,
             backing_writable: false,
-            bulk: false,
         }
     }
 }
@@ -126,7 +123,6 @@ pub async fn open_raw_error(filename: &str, opts: &OpenOpts) -> Result<Image, Er
         },
         force_share: false,
         backing_writable: opts.backing_writable,
-        bulk: opts.bulk,
     };
     let img = strata_graph::open_image(filename, &io).await?;
     for w in &img.warnings {

@@ -93,7 +93,6 @@ async fn commit(
         read_only: false,
         cache,
         backing_writable: true,
-        bulk: true,
         ..Default::default()
     };
     let img = crate::open::open(filename, &opts).await?;

@@ -268,8 +268,6 @@ async fn convert(req: &Request, progress: Arc<Progress>) -> CmdResult {
         fmt: Some(req.out_fmt.clone()),
         read_only: false,
         cache: req.cache,
-        // Compressed clusters are small unaligned writes: keep those in the page cache.
-        bulk: !req.compress,
         ..Default::default()
     };
     let target = crate::open::open(&req.target, &topts).await?;

@@ -91,9 +91,6 @@ fn exec(
             read_only: false,
             cache,
             no_backing: unsafe_mode,
-            // A safe rebase copies data into the image; compressed clusters are small
-            // unaligned writes that stay in the page cache.
-            bulk: !unsafe_mode && !compress,
             ..Default::default()
         };
         let img = crate::open::open(filename, &opts).await?;
