@@ -68,7 +68,7 @@ for rep in $(seq 1 "$REPS"); do
     time_one check_base $tool $rep $T check "$I/base.qcow2"
     time_one compare_chains $tool $rep $T compare -f qcow2 -F qcow2 "$I/ov3.qcow2" "$I/chainB/ov3.qcow2"
     time_one bench_read_4k_qd32 $tool $rep $T bench -c 200000 -d 32 -s 4k -S 65536 -t none -i io_uring -f qcow2 "$I/base.qcow2"
-    cp --sparse=always "$I/pristine/ov3.qcow2" "$O/bench-w.qcow2"
+    cp --sparse=always "$I/pristine/base.qcow2" "$O/bench-w.qcow2"
     time_one bench_write_4k_qd32 $tool $rep $T bench -w -c 200000 -d 32 -s 4k -S 65536 -t none -i io_uring -f qcow2 "$O/bench-w.qcow2"
     rm -f "$O/bench-w.qcow2"
   done
