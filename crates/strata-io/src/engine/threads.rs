@@ -26,35 +26,43 @@ pub(crate) async fn run_blocking<T: Send + 'static>(
     })?
 }
 
-/// `preadv` until `bufs` are full or the file ends; returns the bytes read.
-pub(crate) fn preadv_full(file: &HostFile, offset: u64, bufs: &mut [IoBuf]) -> Result<usize> {
+/// Repeat `syscall` (`preadv` or `pwritev` on the iovecs and file position it is given) until
+/// all of `bufs` is transferred, retrying `EINTR`/`EAGAIN`. Returns the bytes moved and
+/// whether a call stopped making progress (end of file for reads).
+fn transfer_full(
+    offset: u64,
+    bufs: &mut [IoBuf],
+    kind: OpKind,
+    syscall: impl Fn(&[libc::iovec], libc::off_t) -> isize,
+) -> Result<(usize, bool)> {
     let total = total_len(bufs);
     let mut done = 0;
     while done < total {
         let iov = iovecs(bufs, done);
         let pos = offset + done as u64;
-        // SAFETY: every iovec points into a buffer we own exclusively (`&mut`) for the whole
-        // call, with its length in bounds.
-        let n = unsafe {
-            libc::preadv(
-                file.fd(),
-                iov.as_ptr(),
-                iov.len() as libc::c_int,
-                pos as libc::off_t,
-            )
-        };
+        let n = syscall(&iov, pos as libc::off_t);
         if n < 0 {
             let e = std::io::Error::last_os_error();
             match errno_of(&e) {
                 libc::EINTR | libc::EAGAIN => continue,
-                errno => return Err(op_error(OpKind::Read, pos, errno)),
+                errno => return Err(op_error(kind, pos, errno)),
             }
         }
         if n == 0 {
-            break; // end of file
+            return Ok((done, true));
         }
         done += n as usize;
     }
+    Ok((done, false))
+}
+
+/// `preadv` until `bufs` are full or the file ends; returns the bytes read.
+pub(crate) fn preadv_full(file: &HostFile, offset: u64, bufs: &mut [IoBuf]) -> Result<usize> {
+    let (done, _eof) = transfer_full(offset, bufs, OpKind::Read, |iov, pos| {
+        // SAFETY: every iovec points into a buffer we own exclusively (`&mut`) for the whole
+        // call, with its length in bounds.
+        unsafe { libc::preadv(file.fd(), iov.as_ptr(), iov.len() as libc::c_int, pos) }
+    })?;
     Ok(done)
 }
 
@@ -62,36 +70,19 @@ pub(crate) fn preadv_full(file: &HostFile, offset: u64, bufs: &mut [IoBuf]) -> R
 pub(crate) fn pwritev_full(file: &HostFile, offset: u64, bufs: &mut [IoBuf]) -> Result<()> {
     let total = total_len(bufs);
     let generation = file.write_gen();
-    let mut done = 0;
-    let r = loop {
-        if done >= total {
-            break Ok(());
-        }
-        let iov = iovecs(bufs, done);
-        let pos = offset + done as u64;
+    let r = transfer_full(offset, bufs, OpKind::Write, |iov, pos| {
         // SAFETY: every iovec points into a buffer we own for the whole call, in bounds; the
         // kernel only reads from them.
-        let n = unsafe {
-            libc::pwritev(
-                file.fd(),
-                iov.as_ptr(),
-                iov.len() as libc::c_int,
-                pos as libc::off_t,
-            )
-        };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            match errno_of(&e) {
-                libc::EINTR | libc::EAGAIN => continue,
-                errno => break Err(op_error(OpKind::Write, pos, errno)),
-            }
-        }
-        if n == 0 {
+        unsafe { libc::pwritev(file.fd(), iov.as_ptr(), iov.len() as libc::c_int, pos) }
+    })
+    .and_then(|(done, stalled)| {
+        if stalled {
             // QEMU treats a write that makes no progress as a full disk.
-            break Err(op_error(OpKind::Write, pos, libc::ENOSPC));
+            Err(op_error(OpKind::Write, offset + done as u64, libc::ENOSPC))
+        } else {
+            Ok(())
         }
-        done += n as usize;
-    };
+    });
     file.after_write(offset + total as u64, generation, r.is_ok());
     r
 }
