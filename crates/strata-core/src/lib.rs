@@ -3,12 +3,14 @@
 //! answer ("where does this range live?") that map, convert, jobs and NBD all share.
 
 pub mod buf;
+pub mod debug_event;
 pub mod error;
 pub mod mem;
 pub mod node;
 pub mod range;
 
 pub use buf::IoBuf;
+pub use debug_event::DebugEvent;
 pub use error::{Error, ErrorKind, Result};
 pub use node::{
     BlockNode, BlockStatus, BoxFuture, Extent, NodeRef, Prealloc, WriteFlags, ZeroFlags,

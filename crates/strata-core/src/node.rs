@@ -7,7 +7,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use crate::{IoBuf, Result};
+use crate::{DebugEvent, Error, IoBuf, Result};
 
 /// A boxed, sendable future returning a Strata [`Result`]; the object-safe form of an
 /// `async fn` in [`BlockNode`].
@@ -166,6 +166,22 @@ pub trait BlockNode: Send + Sync + fmt::Debug + Any {
     /// The child this node stores its bytes in (a format's protocol node).
     fn file(&self) -> Option<NodeRef> {
         None
+    }
+
+    /// Replace the backing link at runtime (stream, commit and snapshots change chains while
+    /// the node is in use). Only formats with backing files support it.
+    fn set_backing_link(&self, backing: Option<NodeRef>) -> Result<()> {
+        let _ = backing;
+        Err(Error::unsupported(format!(
+            "Driver '{}' does not support backing files",
+            self.driver()
+        )))
+    }
+
+    /// A format driver announces `event` on its `file` child (QEMU's `BLKDBG_EVENT`); filters
+    /// and links forward it downwards, a `blkdebug` node arms its rules on it.
+    fn debug_event(&self, event: DebugEvent) {
+        let _ = event;
     }
 
     /// Bytes the node occupies on the host (`disk size` / `actual-size`), if known.

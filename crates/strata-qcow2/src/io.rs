@@ -98,7 +98,7 @@ impl Qcow2 {
 
     /// Read from the backing node; zeroes past its end or without one.
     pub(crate) async fn read_backing(&self, guest: u64, mut buf: IoBuf) -> Result<IoBuf> {
-        let Some(b) = &self.backing else {
+        let Some(b) = self.backing_node() else {
             buf.fill(0);
             return Ok(buf);
         };
@@ -516,7 +516,7 @@ impl Qcow2 {
             if b < end {
                 fallback.push((b, end));
             }
-            if !(v3 || flags.may_unmap && self.backing.is_none()) {
+            if !(v3 || flags.may_unmap && self.backing_node().is_none()) {
                 fallback.push((a, b.min(end)));
             } else {
                 let unmap = flags.may_unmap;
@@ -588,7 +588,7 @@ impl Qcow2 {
                     );
                     let host = self.fmt.host_cluster(old.entry);
                     let new = if discard {
-                        if !(self.backing.is_some() || allocated) {
+                        if !(self.backing_node().is_some() || allocated) {
                             None
                         } else if ext {
                             Some((

@@ -117,7 +117,8 @@ impl Drop for AllocGuard<'_> {
 pub struct Qcow2 {
     pub(crate) file: NodeRef,
     pub(crate) data_file: Option<NodeRef>,
-    pub(crate) backing: Option<NodeRef>,
+    /// Swappable: live graph changes (stream, commit, snapshots) relink the chain.
+    pub(crate) backing: std::sync::RwLock<Option<NodeRef>>,
     pub(crate) read_only: bool,
     pub(crate) fmt: EntryFormat,
     pub(crate) cs: u64,
@@ -294,7 +295,7 @@ impl Qcow2 {
             published,
             file,
             data_file,
-            backing,
+            backing: std::sync::RwLock::new(backing),
             read_only,
             fmt,
             cs,
@@ -357,6 +358,11 @@ impl Qcow2 {
                 format!("request task failed: {e}"),
             )),
         }
+    }
+
+    /// The current backing node.
+    pub(crate) fn backing_node(&self) -> Option<NodeRef> {
+        self.backing.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Wait until every request started through [`Qcow2::settled`] has finished, including
@@ -606,7 +612,12 @@ impl BlockNode for Qcow2 {
     }
 
     fn backing(&self) -> Option<NodeRef> {
-        self.backing.clone()
+        self.backing_node()
+    }
+
+    fn set_backing_link(&self, backing: Option<NodeRef>) -> Result<()> {
+        *self.backing.write().unwrap_or_else(|e| e.into_inner()) = backing;
+        Ok(())
     }
 
     fn file(&self) -> Option<NodeRef> {
