@@ -57,6 +57,8 @@ enum Cmd {
     Dd(cmd::dd::Args),
     /// Display information about the image
     Info(cmd::info::Args),
+    /// Control the jobs of a running daemon (stratad or qemu-storage-daemon)
+    Job(cmd::job::Args),
     /// Dump image metadata
     Map(cmd::map::Args),
     /// Calculate the file size required for a new image
@@ -98,6 +100,7 @@ fn run(mut argv: Vec<OsString>) -> i32 {
         Cmd::Create(a) => cmd::create::run(a),
         Cmd::Dd(a) => cmd::dd::run(a),
         Cmd::Info(a) => cmd::info::run(a),
+        Cmd::Job(a) => cmd::job::run(a),
         Cmd::Map(a) => cmd::map::run(a),
         Cmd::Measure(a) => cmd::measure::run(a),
         Cmd::Rebase(a) => cmd::rebase::run(a),
@@ -130,6 +133,7 @@ fn subcommand_name(cmd: &Cmd) -> &'static str {
         Cmd::Create(_) => "create",
         Cmd::Dd(_) => "dd",
         Cmd::Info(_) => "info",
+        Cmd::Job(_) => "job",
         Cmd::Map(_) => "map",
         Cmd::Measure(_) => "measure",
         Cmd::Rebase(_) => "rebase",
