@@ -2,6 +2,7 @@
 //! the [`BlockNode`] trait that every driver and filter implements, and the block-status
 //! answer ("where does this range live?") that map, convert, jobs and NBD all share.
 
+pub mod bitmap;
 pub mod buf;
 pub mod debug_event;
 pub mod error;
@@ -9,6 +10,7 @@ pub mod mem;
 pub mod node;
 pub mod range;
 
+pub use bitmap::{BitmapInfo, BitmapSet, DirtyBitmap};
 pub use buf::IoBuf;
 pub use debug_event::DebugEvent;
 pub use error::{Error, ErrorKind, Result};

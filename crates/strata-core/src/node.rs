@@ -7,7 +7,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use crate::{DebugEvent, Error, IoBuf, Result};
+use crate::{BitmapSet, DebugEvent, Error, IoBuf, Result};
 
 /// A boxed, sendable future returning a Strata [`Result`]; the object-safe form of an
 /// `async fn` in [`BlockNode`].
@@ -193,6 +193,30 @@ pub trait BlockNode: Send + Sync + fmt::Debug + Any {
     /// when the last user is done; the node must not be written afterwards.
     fn close(&self) -> BoxFuture<'_, ()> {
         self.flush()
+    }
+
+    /// The node's live dirty bitmaps, for drivers that own them (qcow2 loads and stores its
+    /// persistent ones); `None` means the graph layer keeps the node's set.
+    fn dirty_bitmaps(&self) -> Option<Arc<BitmapSet>> {
+        None
+    }
+
+    /// Whether a new persistent bitmap `name` of `granularity` could be stored in this node
+    /// (QEMU's `bdrv_can_store_new_dirty_bitmap`); `node_name` is the node's graph name,
+    /// which QEMU's messages include. The default is QEMU's answer for drivers without
+    /// persistent bitmaps.
+    fn check_bitmap_storable(&self, node_name: &str, name: &str, granularity: u64) -> Result<()> {
+        let _ = (name, granularity);
+        Err(Error::unsupported(format!(
+            "Can't store persistent bitmaps to {node_name}: Operation not supported"
+        )))
+    }
+
+    /// Delete the stored copy of persistent bitmap `name` at once (the live bitmap is the
+    /// caller's to release). Nothing to do for drivers that store none.
+    fn remove_stored_bitmap(&self, name: &str) -> BoxFuture<'_, ()> {
+        let _ = name;
+        Box::pin(async { Ok(()) })
     }
 
     /// For downcasting to a concrete driver (e.g. qcow2 for `check` and `info`).

@@ -85,7 +85,10 @@ impl Qcow2 {
                 buf.fill(0);
                 Ok(buf)
             }
-            RunKind::Data { host } => self.data_node().read(host, buf).await,
+            RunKind::Data { host } => {
+                self.file.debug_event(strata_core::DebugEvent::ReadAio);
+                self.data_node().read(host, buf).await
+            }
             RunKind::Compressed { entry } => {
                 let cluster = self.read_compressed(entry).await?;
                 let o = (guest % self.cs) as usize;
@@ -107,6 +110,8 @@ impl Qcow2 {
             buf.fill(0);
             return Ok(buf);
         }
+        self.file
+            .debug_event(strata_core::DebugEvent::ReadBackingAio);
         let n = (bsize - guest).min(buf.len() as u64) as usize;
         if n == buf.len() {
             return b.read(guest, buf).await;
@@ -121,6 +126,8 @@ impl Qcow2 {
     /// Decompress the cluster described by compressed L2 entry `entry`.
     async fn read_compressed(&self, entry: u64) -> Result<Vec<u8>> {
         let d = self.fmt.compressed(entry);
+        self.file
+            .debug_event(strata_core::DebugEvent::ReadCompressed);
         let raw = self
             .file
             .read(d.host_offset, IoBuf::zeroed(d.byte_len() as usize))
@@ -140,6 +147,7 @@ impl Qcow2 {
             let c = self.read_compressed(s.entry).await?;
             return Ok(IoBuf::from_slice(&c[a as usize..(a + len) as usize]));
         }
+        self.file.debug_event(strata_core::DebugEvent::CowRead);
         let sc_size = self.fmt.subcluster_size();
         let mut out = IoBuf::zeroed(len as usize);
         let mut pieces = Vec::new();
@@ -222,6 +230,7 @@ impl Qcow2 {
                 let data = data.clone();
                 fill_futs.push(async move {
                     let old = self.read_old(op.gci, op.old, a, b - a).await?;
+                    self.file.debug_event(strata_core::DebugEvent::CowWrite);
                     if op.new_alloc && old.is_zero() {
                         // Zeroes for the untouched parts of a new cluster: as QEMU's
                         // `handle_alloc_space`, let the file zero them without writing data,
@@ -250,6 +259,7 @@ impl Qcow2 {
             let piece = buf.split_to(seg.len as usize);
             let data = data.clone();
             let host = seg.host;
+            self.file.debug_event(strata_core::DebugEvent::WriteAio);
             write_futs.push(async move { data.write(host, piece, WriteFlags::default()).await });
         }
         let (fills, writes) = futures::join!(try_join_all(fill_futs), try_join_all(write_futs));
@@ -739,6 +749,7 @@ impl Qcow2 {
         }
         let mut m = self.meta.lock().await;
         let min = self.min_active_epoch();
+        self.file.debug_event(strata_core::DebugEvent::FlushToOs);
         let freed = m.flush(min).await?;
         if !freed.is_empty() {
             m.free_byte_offset = 0;
@@ -845,6 +856,8 @@ impl Qcow2 {
         self.before_modify(&mut m).await?;
         let clen = c.len() as u64;
         let res: Result<()> = async {
+            self.file
+                .debug_event(strata_core::DebugEvent::ClusterAllocBytes);
             let fbo = m.free_byte_offset;
             let host = if fbo != 0 && fbo % cs != 0 && fbo % cs + clen <= cs {
                 m.incref(fbo / cs).await?;
@@ -858,11 +871,15 @@ impl Qcow2 {
             let entry = self.fmt.encode_compressed(host, clen).ok_or_else(|| {
                 Error::new(ErrorKind::NoSpace, "Compressed cluster offset too large")
             })?;
+            self.file
+                .debug_event(strata_core::DebugEvent::WriteCompressed);
             m.write_at(host, &c).await?;
             let old = m.get_slot(gci).await?;
             let epoch = self.bump_epoch();
             let (l1i, l2i) = m.split_cluster(gci);
             let l2 = m.writable_l2(l1i, epoch).await?;
+            self.file
+                .debug_event(strata_core::DebugEvent::L2UpdateCompressed);
             m.set_slot(l2, l2i, Slot { entry, bitmap: 0 });
             m.free_slot(old, epoch);
             Ok(())

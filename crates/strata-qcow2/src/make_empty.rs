@@ -136,9 +136,13 @@ async fn rebuild_empty(m: &mut Meta) -> Result<u64> {
         .checked_mul(cs)
         .ok_or_else(|| Error::invalid("L1 table too large"))?;
     m.file
+        .debug_event(strata_core::DebugEvent::EmptyImagePrepare);
+    m.file
         .write(cs, IoBuf::zeroed(area as usize), WriteFlags::default())
         .await?;
     m.sync().await?;
+    m.file.debug_event(strata_core::DebugEvent::L1Update);
+    m.file.debug_event(strata_core::DebugEvent::ReftableUpdate);
     m.h.l1_table_offset = 3 * cs;
     m.h.refcount_table_offset = cs;
     m.h.refcount_table_clusters = 1;

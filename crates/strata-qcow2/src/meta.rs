@@ -181,6 +181,7 @@ impl Meta {
             return Ok(());
         }
         self.make_room_l2().await?;
+        self.file.debug_event(strata_core::DebugEvent::L2Load);
         let bytes = self.read_at(off, self.cs).await?;
         self.l2.insert(off, be_u64s(&bytes), false);
         Ok(())
@@ -203,6 +204,7 @@ impl Meta {
     async fn write_l2(&mut self, off: u64) -> Result<()> {
         if let Some(t) = self.l2.peek(off) {
             let bytes = u64s_be(t);
+            self.file.debug_event(strata_core::DebugEvent::L2Update);
             self.write_at(off, &bytes).await?;
             self.l2.mark_clean(off);
         }
@@ -430,6 +432,7 @@ impl Meta {
             }
             self.rb.remove(victim);
         }
+        self.file.debug_event(strata_core::DebugEvent::RefblockLoad);
         let bytes = self.read_at(off, self.cs).await?;
         self.rb.insert(off, bytes, false);
         Ok(())
@@ -438,6 +441,8 @@ impl Meta {
     async fn write_rb(&mut self, off: u64) -> Result<()> {
         if let Some(b) = self.rb.peek(off) {
             let b = b.clone();
+            self.file
+                .debug_event(strata_core::DebugEvent::RefblockUpdatePart);
             self.write_at(off, &b).await?;
             self.rb.mark_clean(off);
         }
@@ -531,12 +536,15 @@ impl Meta {
     /// the search hint past them, then set their refcounts, allocating missing refcount
     /// blocks after the range.
     pub async fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
+        self.file.debug_event(strata_core::DebugEvent::ClusterAlloc);
         let ci = self.find_free(n).await?;
         let last = ci + n - 1;
         self.free_hint = last + 1;
         // Claim the range before refcount metadata is allocated, so a refcount table growth
         // (which places itself at the end of the image) lands after it.
         self.file_end = self.file_end.max((last + 1) * self.cs);
+        self.file
+            .debug_event(strata_core::DebugEvent::RefblockAlloc);
         for c in ci..=last {
             if self.get_refcount(c).await? != 0 {
                 return Err(Error::corrupt("allocated cluster is in use"));
@@ -554,6 +562,8 @@ impl Meta {
         if rc >= refcount::max(self.rc_bits) {
             return Err(Error::invalid("Refcount overflow"));
         }
+        self.file
+            .debug_event(strata_core::DebugEvent::RefblockAlloc);
         self.set_refcount_alloc(ci, rc + 1, 0).await?;
         self.incr_unsynced = true;
         Ok(())
@@ -612,12 +622,16 @@ impl Meta {
     /// Write a new refcount block for region `ri` at cluster `x` and hook it into the table.
     async fn install_block(&mut self, ri: u64, x: u64, block: Vec<u8>) -> Result<()> {
         let off = x * self.cs;
+        self.file
+            .debug_event(strata_core::DebugEvent::RefblockAllocWrite);
         self.write_at(off, &block).await?;
         if !self.lazy {
             self.sync().await?;
         }
         self.rt[ri as usize] = off;
         let entry_off = self.h.refcount_table_offset + ri * 8;
+        self.file
+            .debug_event(strata_core::DebugEvent::RefblockAllocHookup);
         self.write_at(entry_off, &off.to_be_bytes()).await?;
         if !self.lazy {
             self.sync().await?;
@@ -632,6 +646,7 @@ impl Meta {
     async fn grow_reftable(&mut self, min_entries: u64) -> Result<()> {
         let cs = self.cs;
         let per_cluster = cs / 8;
+        self.file.debug_event(strata_core::DebugEvent::ReftableGrow);
         let max_entries = MAX_REFTABLE_SIZE_BYTES / 8;
         let old_len = self.rt.len() as u64;
         let e = self.file_end.div_ceil(cs);
@@ -684,14 +699,20 @@ impl Meta {
                 self.set_refcount_existing(c, 1).await?;
             }
         }
+        self.file
+            .debug_event(strata_core::DebugEvent::RefblockAllocWriteBlocks);
         for (r, b) in &new_blocks {
             self.write_at(new_rt[*r as usize], b).await?;
         }
         self.write_dirty_rbs().await?;
+        self.file
+            .debug_event(strata_core::DebugEvent::RefblockAllocWriteTable);
         self.write_at(rt_off, &u64s_be(&new_rt)).await?;
         self.sync().await?;
         let old_off = self.h.refcount_table_offset;
         let old_clusters = u64::from(self.h.refcount_table_clusters);
+        self.file
+            .debug_event(strata_core::DebugEvent::RefblockAllocSwitchTable);
         self.h.refcount_table_offset = rt_off;
         self.h.refcount_table_clusters = rt_clusters as u32;
         self.write_header().await?;
@@ -756,6 +777,7 @@ impl Meta {
         for off in &dirty_l2 {
             self.write_l2(*off).await?;
         }
+        self.file.debug_event(strata_core::DebugEvent::FlushToDisk);
         let ready: Vec<PendingFree> = self
             .pending
             .iter()
@@ -771,6 +793,7 @@ impl Meta {
         self.pending.retain(|p| p.epoch >= min_active_epoch);
         let mut freed = Vec::new();
         for p in ready {
+            self.file.debug_event(strata_core::DebugEvent::ClusterFree);
             for c in p.cluster..p.cluster + p.count {
                 let rc = self.get_refcount(c).await?;
                 if rc == 0 {
@@ -821,6 +844,8 @@ impl Meta {
         }
         let table = match old {
             Some(off) => {
+                self.file
+                    .debug_event(strata_core::DebugEvent::L2AllocCowRead);
                 self.load_l2(off).await?;
                 self.l2.peek(off).cloned().expect("loaded")
             }
@@ -830,6 +855,7 @@ impl Meta {
         self.check_overlap(new, self.cs, true)?;
         // The new table is on disk, and its refcount durable, before L1 points at it.
         self.sync_increments().await?;
+        self.file.debug_event(strata_core::DebugEvent::L2AllocWrite);
         self.write_at(new, &u64s_be(&table)).await?;
         if !self.lazy {
             self.sync().await?;
@@ -837,6 +863,7 @@ impl Meta {
         self.make_room_l2().await?;
         self.l2.insert(new, table, false);
         self.l1[l1i as usize] = L1Entry::new(new, true).0;
+        self.file.debug_event(strata_core::DebugEvent::L1Update);
         self.write_l1_entry(l1i).await?;
         if let Some(off) = old {
             self.free_range(off, self.cs, epoch);

@@ -209,6 +209,7 @@ impl Qcow2 {
         let l1_bytes = u64::from(h.l1_size) * 8;
         debug_assert!(l1_bytes <= MAX_L1_SIZE_BYTES);
         let l1 = read_u64s(&*file, h.l1_table_offset, l1_bytes).await?;
+        file.debug_event(strata_core::DebugEvent::ReftableLoad);
         let rt = read_u64s(
             &*file,
             h.refcount_table_offset,
@@ -624,12 +625,29 @@ impl BlockNode for Qcow2 {
         Some(self.file.clone())
     }
 
+    fn debug_event(&self, event: strata_core::DebugEvent) {
+        self.file.debug_event(event);
+    }
+
     fn allocated_size(&self) -> BoxFuture<'_, Option<u64>> {
         self.file.allocated_size()
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(self.close_image())
+    }
+
+    fn dirty_bitmaps(&self) -> Option<Arc<strata_core::BitmapSet>> {
+        Some(self.bitmaps.set.clone())
+    }
+
+    fn check_bitmap_storable(&self, node_name: &str, name: &str, granularity: u64) -> Result<()> {
+        self.bitmap_storable(node_name, name, granularity)
+    }
+
+    fn remove_stored_bitmap(&self, name: &str) -> BoxFuture<'_, ()> {
+        let name = name.to_string();
+        Box::pin(async move { self.remove_stored(&name).await })
     }
 
     fn as_any(&self) -> &dyn Any {

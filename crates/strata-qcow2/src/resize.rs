@@ -23,15 +23,21 @@ impl Meta {
             return Err(Error::from_errno(libc::EFBIG, "L1 table too large"));
         }
         let clusters = bytes.div_ceil(self.cs);
+        self.file
+            .debug_event(strata_core::DebugEvent::L1GrowAllocTable);
         let off = self.alloc_clusters(clusters).await?;
         self.check_overlap(off, clusters * self.cs, true)?;
         let mut l1 = self.l1.clone();
         l1.resize(entries as usize, 0);
         let data: Vec<u8> = l1.iter().flat_map(|e| e.to_be_bytes()).collect();
         self.sync_increments().await?;
+        self.file
+            .debug_event(strata_core::DebugEvent::L1GrowWriteTable);
         self.write_at(off, &data).await?;
         self.sync().await?;
         let old_off = self.h.l1_table_offset;
+        self.file
+            .debug_event(strata_core::DebugEvent::L1GrowActivateTable);
         self.h.l1_table_offset = off;
         self.h.l1_size = entries as u32;
         self.write_header().await?;
@@ -133,8 +139,12 @@ impl Qcow2 {
         for l1i in keep..m.l1.len() as u64 {
             if let Some(off) = m.l2_offset(l1i)? {
                 m.l1[l1i as usize] = 0;
+                m.file
+                    .debug_event(strata_core::DebugEvent::L1ShrinkWriteTable);
                 m.write_l1_entry(l1i).await?;
                 m.l2.remove(off);
+                m.file
+                    .debug_event(strata_core::DebugEvent::L1ShrinkFreeL2Clusters);
                 m.free_range(off, cs, epoch);
             }
         }

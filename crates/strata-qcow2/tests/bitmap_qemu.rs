@@ -393,3 +393,125 @@ async fn hostile_bitmaps_fail_the_open_like_qemu() {
         .unwrap_err();
     assert_eq!(e.message(), "Bitmap 'a' doesn't satisfy the constraints");
 }
+
+#[tokio::test]
+async fn live_set_holds_non_persistent_busy_and_frozen_bitmaps() {
+    let d = Dir::new();
+    let img = d.s("l.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", &img, "64M"]);
+    ok("qemu-img", &["bitmap", "--add", &img, "p"]);
+    let m = load(&d.path("l.qcow2"));
+    let q = open(&m, false, None, None).await;
+    let set = q.dirty_bitmaps().unwrap();
+    assert!(Arc::ptr_eq(&set, &q.bitmap_set()));
+    let e = |r: strata_core::Result<()>| r.unwrap_err().message().to_string();
+    assert_eq!(
+        e(q.check_bitmap_storable("disk0", "p", 65536)),
+        "Bitmap already exists: p"
+    );
+    q.check_bitmap_storable("disk0", "new", 65536).unwrap();
+    assert_eq!(
+        e(q.check_bitmap_storable("disk0", "new", 256 << 30)),
+        "Can't make bitmap 'new' persistent in 'disk0': Granularity exceeds maximum \
+         (2147483648 bytes)"
+    );
+    // A non-persistent bitmap lives in the same set, records, and is never stored.
+    set.add("tmp", 4096, false, false).unwrap();
+    assert_eq!(
+        e(q.check_bitmap_storable("disk0", "tmp", 65536)),
+        "Bitmap already exists: tmp"
+    );
+    // Backup freezes `p`: the successor records, `p` is busy.
+    set.create_successor("p").unwrap();
+    write(&q, 1 << 20, &[1u8; 4096]).await;
+    assert_eq!(
+        e(q.bitmap_remove("p").await),
+        "Bitmap 'p' is currently in use by another operation and cannot be used"
+    );
+    let i = set.info();
+    assert_eq!(
+        (i[0].name.as_str(), i[0].count, i[0].persistent),
+        ("tmp", 4096, false)
+    );
+    assert_eq!((i[1].name.as_str(), i[1].count), ("p", 0));
+    assert!(i[1].busy && i[1].recording && i[1].persistent);
+    let st = q.bitmaps();
+    assert_eq!(st[0].name, "p");
+    assert!(!st[1].persistent && st[1].count == Some(4096));
+    set.abdicate("p").unwrap();
+    assert_eq!(set.get_info("p").unwrap().count, 65536);
+    q.close().await.unwrap();
+    save(&m, &d.path("l.qcow2"));
+    check_clean(&d.path("l.qcow2"));
+    let inf = info(&img);
+    assert!(inf.contains("\"p\"") && !inf.contains("tmp") && !inf.contains("in-use"));
+    assert_eq!(
+        all_bits(&d.path("l.qcow2")).await,
+        vec![("p".to_string(), vec![(1 << 20, 65536)])]
+    );
+
+    // A frozen bitmap stored at close keeps the successor's bits too.
+    let q = open(&m, false, None, None).await;
+    let set = q.dirty_bitmaps().unwrap();
+    set.clear("p").unwrap();
+    write(&q, 0, &[1u8; 512]).await;
+    set.create_successor("p").unwrap();
+    write(&q, 2 << 20, &[1u8; 512]).await;
+    q.close().await.unwrap();
+    save(&m, &d.path("l.qcow2"));
+    check_clean(&d.path("l.qcow2"));
+    assert_eq!(
+        all_bits(&d.path("l.qcow2")).await,
+        vec![("p".to_string(), vec![(0, 65536), (2 << 20, 65536)])]
+    );
+
+    // Read-only opens load the bits, read-only.
+    let ro = open(&m, true, None, None).await;
+    let rs = ro.dirty_bitmaps().unwrap();
+    assert_eq!(rs.get_info("p").unwrap().count, 2 * 65536);
+    assert_eq!(rs.is_read_only("p"), Some(true));
+    assert_eq!(
+        e(ro.bitmap_remove("p").await),
+        "Bitmap 'p' is readonly and cannot be modified"
+    );
+
+    // The trait's removal deletes the stored copy at once.
+    let q = open(&m, false, None, None).await;
+    q.remove_stored_bitmap("p").await.unwrap();
+    q.remove_stored_bitmap("not-stored").await.unwrap();
+    q.dirty_bitmaps().unwrap().remove("p").unwrap();
+    save(&m, &d.path("l.qcow2"));
+    check_clean(&d.path("l.qcow2"));
+    assert!(!info(&img).contains("\"p\""));
+    q.close().await.unwrap();
+
+    // v2 images cannot store bitmaps; the message names the node.
+    let v2 = d.s("v2.qcow2");
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            &v2,
+            "1M",
+        ],
+    );
+    let m2 = load(&d.path("v2.qcow2"));
+    let q2 = open(&m2, false, None, None).await;
+    assert_eq!(
+        e(q2.check_bitmap_storable("q2", "b", 65536)),
+        "Can't make bitmap 'b' persistent in 'q2': Cannot store dirty bitmaps in qcow2 v2 files"
+    );
+    // ... but non-persistent bitmaps work on them.
+    q2.dirty_bitmaps()
+        .unwrap()
+        .add("b", 65536, false, false)
+        .unwrap();
+    write(&q2, 0, &[1u8; 512]).await;
+    assert_eq!(q2.bitmaps()[0].count, Some(65536));
+    q2.close().await.unwrap();
+}

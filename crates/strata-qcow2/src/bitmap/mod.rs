@@ -1,28 +1,32 @@
-//! Persistent dirty bitmaps, live in the driver as QEMU keeps them.
+//! Persistent dirty bitmaps, live in the node's [`BitmapSet`] as QEMU keeps them.
 //!
 //! - [`directory`]: the bitmap directory (entries, flags, QEMU's checks);
 //! - [`table`]: bitmap tables (all-zeroes / all-ones / data cluster entries) and limits;
-//! - [`dirty`]: [`DirtyBitmap`], the in-memory bitmap (reusable outside qcow2).
+//! - [`DirtyBitmap`] and [`BitmapSet`] live in `strata_core::bitmap`.
 //!
 //! Life cycle (QEMU's `qcow2_load_dirty_bitmaps` / `qcow2_store_persistent_dirty_bitmaps`):
-//! a read-write open loads every bitmap whose `in-use` flag is clear and sets that flag on
-//! disk (directory rewritten in place, bracketed by clearing and setting the autoclear bit)
-//! before any write can happen; a bitmap already `in-use` is inconsistent: listed, never
-//! loaded, never stored. Writes, zero writes, discards and compressed writes mark the
-//! enabled bitmaps. Closing stores each loaded bitmap in new clusters (data, then table,
-//! then directory, all durable before the header points at them), clears `in-use`, then
-//! frees the old clusters. Read-only opens only list the directory.
+//! an open loads every bitmap whose `in-use` flag is clear into the node's set (read-only
+//! bitmaps on a read-only open); a bitmap already `in-use` is inconsistent: listed, never
+//! loaded, never stored. A read-write open sets `in-use` on disk (directory rewritten in
+//! place, bracketed by clearing and setting the autoclear bit) before any write can happen.
+//! Writes, zero writes, discards and compressed writes mark the set. Non-persistent bitmaps
+//! added to the node live in the same set and are not stored. Closing stores each
+//! consistent persistent bitmap in new clusters (data, then table, then directory, all
+//! durable before the header points at them), clears `in-use`, frees the old clusters and
+//! releases the stored bitmaps from the set.
 
 pub mod directory;
-pub mod dirty;
 pub mod table;
 
+use std::sync::Arc;
 use std::sync::Mutex as StdMutex;
-use std::sync::atomic::{AtomicBool, Ordering};
 
+use strata_core::bitmap::{
+    BitmapSet, CheckFlags, LoadedState, check_add_args, inconsistent_error, not_found_error,
+};
 use strata_core::{BlockNode, Error, ErrorKind, Result};
 
-pub use dirty::DirtyBitmap;
+pub use strata_core::bitmap::DirtyBitmap;
 
 use self::directory::{DirEntry, FLAG_AUTO, FLAG_IN_USE, TYPE_DIRTY_TRACKING};
 use self::table::TableEntry;
@@ -34,7 +38,7 @@ use crate::snapshot::BitmapInfo;
 /// QEMU's default granularity for a new bitmap: the cluster size, within [4 KiB, 64 KiB]
 /// (`bdrv_get_default_bitmap_granularity`).
 pub fn default_granularity(cluster_size: u64) -> u64 {
-    cluster_size.clamp(4096, 65536)
+    strata_core::bitmap::default_granularity(Some(cluster_size))
 }
 
 /// A bitmap of an open image, as [`Qcow2::bitmaps`] reports it.
@@ -48,60 +52,24 @@ pub struct BitmapStatus {
     pub in_use: bool,
     /// Tracks writes (stored with the `auto` flag).
     pub enabled: bool,
-    /// Stored in the image (always true: qcow2 bitmaps here are persistent).
+    /// Stored in the image (false for bitmaps added as non-persistent).
     pub persistent: bool,
-    /// Dirty bytes (whole granules); `None` when the data is not loaded (read-only open or
-    /// inconsistent bitmap).
+    /// Dirty bytes (whole granules); `None` for an inconsistent bitmap.
     pub count: Option<u64>,
 }
 
-/// One bitmap of the open image.
+/// The bitmaps of an open image: the live set, and the directory as on disk.
 #[derive(Debug)]
-struct Bm {
-    name: String,
-    granularity_bits: u8,
-    enabled: bool,
-    /// `in-use` on open: never trusted, never stored.
-    inconsistent: bool,
-    /// The bits: loaded on read-write opens for consistent bitmaps.
-    data: Option<DirtyBitmap>,
-}
-
-#[derive(Debug, Default)]
-struct State {
-    /// The directory as last written (or read): what `info` shows.
-    disk: Vec<DirEntry>,
-    /// Every bitmap, directory order first, then added ones.
-    list: Vec<Bm>,
-    read_only: bool,
-}
-
-/// The persistent bitmaps of an open image.
-#[derive(Debug, Default)]
 pub(crate) struct Bitmaps {
-    /// Some enabled bitmap is loaded: writes must be tracked (checked without the lock).
-    active: AtomicBool,
-    state: StdMutex<State>,
-}
-
-fn inconsistent_error(name: &str) -> Error {
-    Error::invalid(format!(
-        "Bitmap '{name}' is inconsistent and cannot be used\n\
-         Try block-dirty-bitmap-remove to delete this bitmap from disk"
-    ))
+    pub(crate) set: Arc<BitmapSet>,
+    /// The directory as last written (or read): what `info` shows.
+    disk: StdMutex<Vec<DirEntry>>,
 }
 
 fn readonly_error(name: &str) -> Error {
     Error::new(
         ErrorKind::ReadOnly,
         format!("Bitmap '{name}' is readonly and cannot be modified"),
-    )
-}
-
-fn not_found(name: &str) -> Error {
-    Error::new(
-        ErrorKind::NotFound,
-        format!("Dirty bitmap '{name}' not found"),
     )
 }
 
@@ -113,36 +81,6 @@ fn node_name() -> String {
         .map_or(0, |d| d.subsec_nanos())
         ^ std::process::id();
     format!("#block1{:02}", r % 100)
-}
-
-impl State {
-    fn find(&self, name: &str) -> Option<usize> {
-        self.list.iter().position(|b| b.name == name)
-    }
-
-    fn get(&self, name: &str) -> Result<&Bm> {
-        self.find(name)
-            .map(|i| &self.list[i])
-            .ok_or_else(|| not_found(name))
-    }
-
-    /// QEMU's `bdrv_dirty_bitmap_check(.., BDRV_BITMAP_DEFAULT)` (or `ALLOW_RO`).
-    fn usable(&mut self, name: &str, allow_ro: bool) -> Result<&mut Bm> {
-        let ro = self.read_only;
-        let i = self.find(name).ok_or_else(|| not_found(name))?;
-        let b = &mut self.list[i];
-        if ro && !allow_ro {
-            return Err(readonly_error(name));
-        }
-        if b.inconsistent {
-            return Err(inconsistent_error(name));
-        }
-        Ok(b)
-    }
-
-    fn any_active(&self) -> bool {
-        self.list.iter().any(|b| b.enabled && b.data.is_some())
-    }
 }
 
 async fn read_table(m: &Meta, e: &DirEntry) -> Result<Vec<u64>> {
@@ -197,89 +135,60 @@ async fn load_data(m: &Meta, e: &DirEntry, size: u64) -> Result<DirtyBitmap> {
 }
 
 impl Bitmaps {
-    /// Read the directory and, on a read-write open, load the consistent bitmaps and mark
-    /// them `in-use` on disk before the image is used. Sets `m.bitmap_areas`.
+    /// Read the directory and load the consistent bitmaps into a new set; on a read-write
+    /// open, mark them `in-use` on disk before the image is used. Sets `m.bitmap_areas`.
     pub(crate) async fn open(m: &mut Meta) -> Result<Bitmaps> {
         let read_only = m.read_only;
+        let size = m.h.size;
+        let set = Arc::new(BitmapSet::new(size));
         let Some(ext) = m.h.bitmaps else {
             return Ok(Bitmaps {
-                active: AtomicBool::new(false),
-                state: StdMutex::new(State {
-                    read_only,
-                    ..Default::default()
-                }),
+                set,
+                disk: StdMutex::new(Vec::new()),
             });
         };
         let bytes = m
             .read_at(ext.bitmap_directory_offset, ext.bitmap_directory_size)
             .await?;
-        let mut disk = directory::parse(&bytes, ext.nb_bitmaps, m.cs, m.h.size)?;
-        let mut list = Vec::with_capacity(disk.len());
+        let mut disk = directory::parse(&bytes, ext.nb_bitmaps, m.cs, size)?;
+        let mut loaded = false;
         for e in &disk {
-            let data = if e.in_use() {
-                None
-            } else if read_only {
-                // QEMU refuses the open for a bad table even read-only; the bits wait
-                // until asked for.
-                load_table(m, e, m.h.size).await?;
-                None
-            } else {
-                Some(load_data(m, e, m.h.size).await?)
-            };
-            list.push(Bm {
-                name: e.name.clone(),
-                granularity_bits: e.granularity_bits,
-                enabled: e.auto(),
+            let st = LoadedState {
+                recording: e.auto(),
+                persistent: true,
                 inconsistent: e.in_use(),
-                data,
-            });
+                read_only,
+            };
+            let data = if e.in_use() {
+                DirtyBitmap::new(size, 1u64 << e.granularity_bits)
+            } else {
+                loaded = true;
+                load_data(m, e, size).await?
+            };
+            set.insert_loaded(&e.name, data, st)?;
         }
         set_areas(m, &disk);
-        let needs_update = list.iter().any(|b| b.data.is_some());
-        if needs_update {
+        if loaded && !read_only {
             for e in disk.iter_mut() {
                 e.flags |= FLAG_IN_USE;
             }
             update_dir_in_place(m, &disk, ext).await?;
         }
-        let state = State {
-            disk,
-            list,
-            read_only,
-        };
         Ok(Bitmaps {
-            active: AtomicBool::new(state.any_active()),
-            state: StdMutex::new(state),
+            set,
+            disk: StdMutex::new(disk),
         })
     }
 
-    /// Whether the image has no bitmap at all (listed or pending).
+    /// Whether the image has no persistent bitmap (stored or pending).
     pub(crate) fn is_empty(&self) -> bool {
-        self.state.lock().unwrap().list.is_empty()
-    }
-
-    /// Mark `[offset, offset + len)` dirty in every enabled bitmap.
-    pub(crate) fn track(&self, offset: u64, len: u64) {
-        if !self.active.load(Ordering::Acquire) {
-            return;
-        }
-        let mut s = self.state.lock().unwrap();
-        for b in s.list.iter_mut().filter(|b| b.enabled) {
-            if let Some(d) = &mut b.data {
-                d.set_range(offset, len);
-            }
-        }
-    }
-
-    fn refresh_active(&self, s: &State) {
-        self.active.store(s.any_active(), Ordering::Release);
+        self.set.info().iter().all(|b| !b.persistent)
     }
 
     /// The directory as on disk, for `info`.
     pub(crate) fn disk_info(&self) -> Vec<BitmapInfo> {
-        let s = self.state.lock().unwrap();
-        s.disk
-            .iter()
+        let d = self.disk.lock().unwrap();
+        d.iter()
             .map(|e| {
                 let mut flags = Vec::new();
                 if e.in_use() {
@@ -299,39 +208,42 @@ impl Bitmaps {
             .collect()
     }
 
-    /// QEMU's `qcow2_truncate_bitmaps_check`: every bitmap must be loaded and consistent.
-    /// We also refuse a size whose bitmaps could not be stored (QEMU would fail at close).
+    /// QEMU's `qcow2_truncate_bitmaps_check`: every stored bitmap must be in memory and pass
+    /// the default checks (busy, read-only, inconsistent). We also refuse a size whose
+    /// persistent bitmaps could not be stored (QEMU would fail at close).
     pub(crate) fn check_resize(&self, new_size: u64, cs: u64) -> Result<()> {
-        let s = self.state.lock().unwrap();
-        for b in &s.list {
-            if b.inconsistent {
-                return Err(inconsistent_error(&b.name));
-            }
-            if b.data.is_none() {
+        let names: Vec<String> = self
+            .disk
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| e.name.clone())
+            .collect();
+        for name in &names {
+            if !self.set.contains(name) {
                 return Err(Error::unsupported(
                     "Cannot resize qcow2 with persistent bitmaps that were not loaded into memory",
                 ));
             }
-            table::check_constraints(&b.name, 1u64 << b.granularity_bits, new_size, cs).map_err(
-                |m| {
-                    Error::invalid(format!(
-                        "Bitmap '{}' doesn't satisfy the constraints: {m}",
-                        b.name
-                    ))
-                },
-            )?;
+            self.set.check(name, CheckFlags::DEFAULT)?;
+        }
+        for b in self.set.info().iter().rev().filter(|b| b.persistent) {
+            if b.inconsistent {
+                return Err(inconsistent_error(&b.name));
+            }
+            table::check_constraints(&b.name, b.granularity, new_size, cs).map_err(|m| {
+                Error::invalid(format!(
+                    "Bitmap '{}' doesn't satisfy the constraints: {m}",
+                    b.name
+                ))
+            })?;
         }
         Ok(())
     }
 
     /// Follow a resize: new bits are clean, bits past the end are dropped.
     pub(crate) fn resized(&self, new_size: u64) {
-        let mut s = self.state.lock().unwrap();
-        for b in s.list.iter_mut() {
-            if let Some(d) = &mut b.data {
-                d.resize(new_size);
-            }
-        }
+        self.set.resize(new_size);
     }
 }
 
@@ -460,86 +372,69 @@ async fn store_one(
 }
 
 impl Qcow2 {
-    /// Write-path hook: mark `[offset, offset + len)` in the enabled bitmaps.
+    /// Write-path hook: mark `[offset, offset + len)` in the recording bitmaps.
     pub(crate) fn track_write(&self, offset: u64, len: u64) {
-        self.bitmaps.track(offset, len);
+        self.bitmaps.set.mark(offset, len);
     }
 
-    /// The bitmaps of this image: names, granularity, flags and dirty counts.
+    /// The node's live bitmap set (also [`strata_core::BlockNode::dirty_bitmaps`]).
+    pub fn bitmap_set(&self) -> Arc<BitmapSet> {
+        self.bitmaps.set.clone()
+    }
+
+    /// The bitmaps of this image, in directory order then in order of creation: names,
+    /// granularity, flags and dirty counts.
     pub fn bitmaps(&self) -> Vec<BitmapStatus> {
-        let s = self.bitmaps.state.lock().unwrap();
-        s.list
-            .iter()
+        let mut v: Vec<BitmapStatus> = self
+            .bitmaps
+            .set
+            .info()
+            .into_iter()
             .map(|b| BitmapStatus {
-                name: b.name.clone(),
-                granularity: 1u64 << b.granularity_bits,
+                name: b.name,
+                granularity: b.granularity,
                 in_use: b.inconsistent,
-                enabled: b.enabled,
-                persistent: true,
-                count: b.data.as_ref().map(DirtyBitmap::count),
+                enabled: b.recording,
+                persistent: b.persistent,
+                count: (!b.inconsistent).then_some(b.count),
             })
-            .collect()
+            .collect();
+        v.reverse();
+        v
     }
 
-    /// A copy of a bitmap's bits (loaded from disk on read-only opens), for map-like
-    /// readers: use [`DirtyBitmap::extents`]. Fails for an inconsistent bitmap.
+    /// A copy of a bitmap's bits, for map-like readers: use [`DirtyBitmap::extents`].
+    /// Fails for an inconsistent bitmap.
     pub async fn bitmap_data(&self, name: &str) -> Result<DirtyBitmap> {
-        {
-            let s = self.bitmaps.state.lock().unwrap();
-            let b = s.get(name)?;
-            if b.inconsistent {
-                return Err(inconsistent_error(name));
-            }
-            if let Some(d) = &b.data {
-                return Ok(d.clone());
-            }
-        }
-        // Read-only open: read it from the directory entry.
-        let m = self.meta.lock().await;
-        let e = {
-            let s = self.bitmaps.state.lock().unwrap();
-            s.disk.iter().find(|e| e.name == name).cloned()
-        };
-        let e = e.ok_or_else(|| not_found(name))?;
-        load_data(&m, &e, self.size()).await
+        let set = &self.bitmaps.set;
+        set.check(name, CheckFlags::INCONSISTENT)?;
+        set.snapshot(name).ok_or_else(|| not_found_error(name))
     }
 
-    /// Create a persistent bitmap (QMP `block-dirty-bitmap-add` with `persistent`): stored
-    /// at close. `granularity` `None` picks QEMU's default.
-    pub fn bitmap_add(&self, name: &str, granularity: Option<u64>, enabled: bool) -> Result<()> {
-        if name.is_empty() {
-            return Err(Error::invalid("Bitmap name cannot be empty"));
-        }
-        let g = match granularity {
-            Some(g) if g < 512 || !g.is_power_of_two() => {
-                return Err(Error::invalid(
-                    "Granularity must be power of 2 and at least 512",
-                ));
-            }
-            Some(g) => g,
-            None => default_granularity(self.cs),
-        };
-        let mut s = self.bitmaps.state.lock().unwrap();
-        if s.find(name).is_some() {
+    /// QEMU's `qcow2_co_can_store_new_dirty_bitmap`, with its texts; `node` is the node's
+    /// name for them.
+    pub(crate) fn bitmap_storable(&self, node: &str, name: &str, granularity: u64) -> Result<()> {
+        let set = &self.bitmaps.set;
+        if set.contains(name) {
             return Err(Error::invalid(format!("Bitmap already exists: {name}")));
         }
         let prefix = |m: &str| {
             Error::invalid(format!(
-                "Can't make bitmap '{name}' persistent in '{}': {m}",
-                node_name()
+                "Can't make bitmap '{name}' persistent in '{node}': {m}"
             ))
         };
         if self.header().version < 3 {
             return Err(prefix("Cannot store dirty bitmaps in qcow2 v2 files"));
         }
-        table::check_constraints(name, g, self.size(), self.cs).map_err(|m| prefix(&m))?;
-        if s.list.len() + 1 > MAX_BITMAPS as usize {
+        table::check_constraints(name, granularity, self.size(), self.cs)
+            .map_err(|m| prefix(&m))?;
+        let persistent: Vec<_> = set.info().into_iter().filter(|b| b.persistent).collect();
+        if persistent.len() + 1 > MAX_BITMAPS as usize {
             return Err(prefix(
                 "Maximum number of persistent bitmaps is already reached",
             ));
         }
-        let dir: u64 = s
-            .list
+        let dir: u64 = persistent
             .iter()
             .map(|b| directory::entry_size(b.name.len(), 0))
             .sum::<u64>()
@@ -547,78 +442,73 @@ impl Qcow2 {
         if dir > MAX_BITMAP_DIRECTORY_SIZE {
             return Err(prefix("Not enough space in the bitmap directory"));
         }
-        if s.read_only {
+        if self.read_only {
             return Err(Error::new(ErrorKind::ReadOnly, "No write access"));
         }
-        s.list.push(Bm {
-            name: name.to_string(),
-            granularity_bits: g.trailing_zeros() as u8,
-            enabled,
-            inconsistent: false,
-            data: Some(DirtyBitmap::new(self.size(), g)),
-        });
-        self.bitmaps.refresh_active(&s);
         Ok(())
     }
 
-    /// Delete a bitmap, from the image at once (QEMU's
+    /// Create a persistent bitmap (QMP `block-dirty-bitmap-add` with `persistent`): stored
+    /// at close. `granularity` `None` picks QEMU's default.
+    pub fn bitmap_add(&self, name: &str, granularity: Option<u64>, enabled: bool) -> Result<()> {
+        let g = granularity.unwrap_or_else(|| default_granularity(self.cs));
+        check_add_args(name, g)?;
+        self.bitmap_storable(&node_name(), name, g)?;
+        self.bitmaps.set.add(name, g, true, !enabled)
+    }
+
+    /// Delete a bitmap, from the image at once for a persistent one (QEMU's
     /// `qcow2_co_remove_persistent_dirty_bitmap`); inconsistent bitmaps can be removed.
     pub async fn bitmap_remove(&self, name: &str) -> Result<()> {
+        let set = &self.bitmaps.set;
+        set.check(name, CheckFlags::BUSY | CheckFlags::READ_ONLY)?;
+        self.remove_stored(name).await?;
+        set.remove(name).map(drop)
+    }
+
+    /// Delete the stored copy of bitmap `name`, if the directory has one (the directory is
+    /// rewritten, the bitmap's clusters freed).
+    pub(crate) async fn remove_stored(&self, name: &str) -> Result<()> {
         let mut m = self.meta.lock().await;
         let (old, disk) = {
-            let mut s = self.bitmaps.state.lock().unwrap();
-            let i = s.find(name).ok_or_else(|| not_found(name))?;
-            if s.read_only {
-                return Err(readonly_error(name));
-            }
-            s.list.remove(i);
-            self.bitmaps.refresh_active(&s);
-            let old = s.disk.iter().find(|e| e.name == name).cloned();
-            let disk: Vec<DirEntry> = s.disk.iter().filter(|e| e.name != name).cloned().collect();
+            let d = self.bitmaps.disk.lock().unwrap();
+            let old = d.iter().find(|e| e.name == name).cloned();
+            let disk: Vec<DirEntry> = d.iter().filter(|e| e.name != name).cloned().collect();
             (old, disk)
         };
-        if let Some(old) = old {
-            self.check_writable()?;
-            write_dir(&mut m, &disk).await.map_err(|e| {
-                Error::new(
-                    e.kind(),
-                    format!("Failed to update bitmap extension: {}", e.message()),
-                )
-            })?;
-            self.bitmaps.state.lock().unwrap().disk = disk;
-            free_bitmap_clusters(&mut m, &old).await;
-            self.publish_header(&m);
-            drop(m);
-            self.do_flush().await?;
+        let Some(old) = old else {
+            return Ok(());
+        };
+        if self.read_only {
+            return Err(readonly_error(name));
         }
-        Ok(())
+        self.check_writable()?;
+        write_dir(&mut m, &disk).await.map_err(|e| {
+            Error::new(
+                e.kind(),
+                format!("Failed to update bitmap extension: {}", e.message()),
+            )
+        })?;
+        *self.bitmaps.disk.lock().unwrap() = disk;
+        free_bitmap_clusters(&mut m, &old).await;
+        self.publish_header(&m);
+        drop(m);
+        self.do_flush().await
     }
 
     /// Clear every bit (QMP `block-dirty-bitmap-clear`).
     pub fn bitmap_clear(&self, name: &str) -> Result<()> {
-        let mut s = self.bitmaps.state.lock().unwrap();
-        let b = s.usable(name, false)?;
-        if let Some(d) = &mut b.data {
-            d.clear();
-        }
-        Ok(())
+        self.bitmaps.set.clear(name).map(drop)
     }
 
     /// Start tracking writes (QMP `block-dirty-bitmap-enable`).
     pub fn bitmap_enable(&self, name: &str) -> Result<()> {
-        self.set_enabled(name, true)
+        self.bitmaps.set.enable(name).map(drop)
     }
 
     /// Stop tracking writes (QMP `block-dirty-bitmap-disable`).
     pub fn bitmap_disable(&self, name: &str) -> Result<()> {
-        self.set_enabled(name, false)
-    }
-
-    fn set_enabled(&self, name: &str, on: bool) -> Result<()> {
-        let mut s = self.bitmaps.state.lock().unwrap();
-        s.usable(name, true)?.enabled = on;
-        self.bitmaps.refresh_active(&s);
-        Ok(())
+        self.bitmaps.set.disable(name).map(drop)
     }
 
     /// Set in `target` every bit set in `source` of `from` (this image when `None`), as QMP
@@ -629,63 +519,39 @@ impl Qcow2 {
         from: Option<&Qcow2>,
         source: &str,
     ) -> Result<()> {
-        {
-            let mut s = self.bitmaps.state.lock().unwrap();
-            s.usable(target, false)?;
-        }
-        let q = from.unwrap_or(self);
-        {
-            let s = q.bitmaps.state.lock().unwrap();
-            if s.get(source)?.inconsistent {
-                return Err(inconsistent_error(source));
-            }
-        }
-        let src = q.bitmap_data(source).await?;
-        let mut s = self.bitmaps.state.lock().unwrap();
-        let t = s.usable(target, false)?;
-        if let Some(d) = &mut t.data {
-            d.merge(&src).map_err(Error::invalid)?;
-        }
-        Ok(())
+        let set = &self.bitmaps.set;
+        set.check(target, CheckFlags::NONE)?;
+        let src = from.unwrap_or(self).bitmaps.set.merge_source(source)?;
+        set.merge(target, &[&src]).map(drop)
     }
 
-    /// Store every loaded bitmap and clear `in-use` (QEMU's
-    /// `qcow2_store_persistent_dirty_bitmaps`, run on close). Afterwards the bitmaps are
-    /// released: writes after this are not tracked.
+    /// Store every consistent persistent bitmap and clear `in-use` (QEMU's
+    /// `qcow2_store_persistent_dirty_bitmaps`, run on close). Afterwards the stored bitmaps
+    /// are released from the set: writes after this are not tracked in them. On failure
+    /// they stay in the set and the old directory stays on disk.
     pub(crate) async fn store_bitmaps(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
         }
         let mut m = self.meta.lock().await;
-        let taken: Vec<(String, u8, bool, DirtyBitmap)> = {
-            let mut s = self.bitmaps.state.lock().unwrap();
-            let v = s
-                .list
-                .iter_mut()
-                .filter_map(|b| {
-                    b.data
-                        .take()
-                        .map(|d| (b.name.clone(), b.granularity_bits, b.enabled, d))
-                })
-                .collect();
-            self.bitmaps.refresh_active(&s);
-            v
-        };
+        let taken = self.bitmaps.set.persistent_bitmaps();
         if taken.is_empty() {
             return Ok(());
         }
         self.check_writable()?;
-        let mut disk = self.bitmaps.state.lock().unwrap().disk.clone();
+        let mut disk = self.bitmaps.disk.lock().unwrap().clone();
         let mut drop_old = Vec::new();
         let mut new_entries = Vec::new();
         let res: Result<()> = async {
-            for (name, bits, enabled, d) in &taken {
-                table::check_constraints(name, 1u64 << bits, d.size(), m.cs).map_err(|e| {
+            for b in &taken {
+                let (name, d) = (&b.name, &b.bitmap);
+                let bits = d.granularity().trailing_zeros() as u8;
+                table::check_constraints(name, d.granularity(), d.size(), m.cs).map_err(|e| {
                     Error::invalid(format!(
                         "Bitmap '{name}' doesn't satisfy the constraints: {e}"
                     ))
                 })?;
-                let e = store_one(&mut m, name, *bits, *enabled, d).await?;
+                let e = store_one(&mut m, name, bits, b.recording, d).await?;
                 new_entries.push(e.clone());
                 match disk.iter_mut().find(|x| &x.name == name) {
                     Some(x) => drop_old.push(std::mem::replace(x, e)),
@@ -706,7 +572,9 @@ impl Qcow2 {
             self.publish_header(&m);
             return Err(e);
         }
-        self.bitmaps.state.lock().unwrap().disk = disk;
+        *self.bitmaps.disk.lock().unwrap() = disk;
+        let names: Vec<String> = taken.into_iter().map(|b| b.name).collect();
+        self.bitmaps.set.release(&names);
         for old in &drop_old {
             free_bitmap_clusters(&mut m, old).await;
         }
