@@ -95,6 +95,16 @@ pub enum TargetInit {
 /// Progress callback: `(bytes done, bytes total)`.
 pub type ProgressFn = Arc<dyn Fn(u64, u64) + Send + Sync>;
 
+/// A checkpoint every request passes before it starts: where a job rate-limits the copy
+/// and pauses it (the copy engine knows nothing about jobs).
+pub trait CopyGate: Send + Sync {
+    /// Wait until a request moving `bytes` of data (0 for zero or skipped ranges) may go.
+    fn pass(
+        &self,
+        bytes: u64,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>;
+}
+
 /// How to copy.
 #[derive(Clone)]
 pub struct CopyOptions {
@@ -121,6 +131,8 @@ pub struct CopyOptions {
     pub progress: Option<ProgressFn>,
     /// Set to stop the copy; it then fails with [`ErrorKind::Cancelled`].
     pub cancel: Option<Arc<AtomicBool>>,
+    /// Passed before every request (rate limit, pause).
+    pub gate: Option<Arc<dyn CopyGate>>,
 }
 
 impl Default for CopyOptions {
@@ -137,6 +149,7 @@ impl Default for CopyOptions {
             len: None,
             progress: None,
             cancel: None,
+            gate: None,
         }
     }
 }
@@ -427,6 +440,12 @@ impl Engine {
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(self.fail(e)),
             };
+            if let Some(g) = &self.opts.gate {
+                g.pass(if c.kind == Kind::Data { c.len } else { 0 }).await;
+                if self.cancelled() {
+                    return Err(self.fail(Error::new(ErrorKind::Cancelled, "Operation cancelled")));
+                }
+            }
             // Compressed writes consume their buffers; allocate again when that happened.
             if buf.len() < chunk && c.kind == Kind::Data {
                 buf = IoBuf::zeroed(chunk);

@@ -18,13 +18,19 @@
 //! The named-node graph with permissions and filters will grow here too; the drivers live
 //! in [`drivers`].
 
+pub mod blockdev;
 pub mod compare;
 pub mod copy;
 pub mod drivers;
+pub mod graph;
+pub mod link;
 pub mod map;
+pub mod node;
 pub mod open;
+pub mod perm;
 pub mod rebase;
 pub mod sparse;
+pub mod stats;
 pub mod status;
 
 #[cfg(test)]
@@ -32,14 +38,24 @@ pub(crate) mod testing;
 
 pub use compare::{CompareFailure, CompareOptions, CompareOutcome, compare_images};
 pub use copy::{
-    CompressedWrite, CopyFailure, CopyOptions, CopyStats, Qcow2Compressed, TargetInit, copy_image,
+    CompressedWrite, CopyFailure, CopyGate, CopyOptions, CopyStats, Qcow2Compressed, TargetInit,
+    copy_image,
+};
+pub use drivers::blkdebug::{
+    BlkdebugIoType, BlkdebugNode, BlkdebugOptions, InjectErrorRule, SetStateRule,
 };
 pub use drivers::cache::CacheFilter;
+pub use drivers::copy_on_read::CopyOnReadNode;
 pub use drivers::null::{NullNode, NullOptions};
 pub use drivers::raw::{RawNode, RawOptions};
+pub use drivers::throttle::{ThrottleGroup, ThrottleLimits, ThrottleNode};
+pub use graph::{EdgeId, EdgePerms, EdgeRec, Graph, NodeKind, NodeRec};
+pub use link::{Link, driver_of};
 pub use map::{MapEntry, map_image, render_human, render_json};
+pub use node::GraphNode;
 pub use open::{
     BackingMode, CacheMode, ImageOptions, OpenedImage, create_image, open_image, open_image_json,
 };
+pub use perm::{Perm, PermSpec, Use, User};
 pub use rebase::{RebaseOptions, rebase_data};
 pub use status::{ChainExtent, block_status_above};

@@ -21,6 +21,12 @@ pub struct ChainExtent {
     pub host_node: Option<NodeRef>,
 }
 
+/// Whether `a` and `b` are the same node, looking through links and graph nodes.
+pub fn same_node(a: &NodeRef, b: &NodeRef) -> bool {
+    let (a, b) = (crate::link::driver_of(a), crate::link::driver_of(b));
+    std::ptr::addr_eq(Arc::as_ptr(&a), Arc::as_ptr(&b))
+}
+
 /// Whether a driver has a notion of backing files: for those, an unallocated range reads
 /// from the backing node, or zeroes when there is none (QEMU's `supports_backing`).
 fn supports_backing(node: &NodeRef) -> bool {
@@ -117,7 +123,8 @@ pub async fn block_status_above(
     offset: u64,
     len: u64,
 ) -> Result<ChainExtent> {
-    let is_base = |n: &NodeRef| base.is_some_and(|b| Arc::ptr_eq(n, b));
+    // Compare drivers: the chain is reached through links and graph nodes.
+    let is_base = |n: &NodeRef| base.is_some_and(|b| same_node(n, b));
     if is_base(top) {
         return Ok(ChainExtent {
             len,

@@ -135,13 +135,35 @@ impl NbdUri {
 impl fmt::Display for NbdUri {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.addr {
-            NbdAddr::Unix(p) => write!(f, "nbd+unix:///{}?socket={}", self.export, p.display()),
-            NbdAddr::Tcp { host, port } if host.contains(':') => {
-                write!(f, "nbd://[{host}]:{port}/{}", self.export)
+            // As QEMU names them: no path at all for the default export.
+            NbdAddr::Unix(p) if self.export.is_empty() => {
+                write!(f, "nbd+unix://?socket={}", p.display())
             }
-            NbdAddr::Tcp { host, port } => write!(f, "nbd://{host}:{port}/{}", self.export),
+            NbdAddr::Unix(p) => write!(f, "nbd+unix:///{}?socket={}", self.export, p.display()),
+            NbdAddr::Tcp { host, port } => {
+                if host.contains(':') {
+                    write!(f, "nbd://[{host}]:{port}")?;
+                } else {
+                    write!(f, "nbd://{host}:{port}")?;
+                }
+                if self.export.is_empty() {
+                    Ok(())
+                } else {
+                    write!(f, "/{}", self.export)
+                }
+            }
         }
     }
+}
+
+/// The client side of TLS: `NBD_OPT_STARTTLS` hands the plain stream to this and continues
+/// the handshake over what it returns (see [`crate::tls::TlsCreds::client_connector`]).
+pub trait TlsConnect: Send + Sync + fmt::Debug + 'static {
+    /// Run the client side of the TLS handshake on `stream`.
+    fn connect(
+        &self,
+        stream: BoxStream,
+    ) -> futures::future::BoxFuture<'static, std::io::Result<BoxStream>>;
 }
 
 /// How to connect.
@@ -153,6 +175,9 @@ pub struct ClientOptions {
     pub extended_headers: bool,
     /// Try `NBD_OPT_STRUCTURED_REPLY` (needed for block status and sparse reads).
     pub structured_replies: bool,
+    /// Upgrade the connection with `NBD_OPT_STARTTLS` before any other option
+    /// (QEMU's `tls-creds`); the server must agree or the connection fails.
+    pub tls: Option<Arc<dyn TlsConnect>>,
 }
 
 impl Default for ClientOptions {
@@ -161,6 +186,7 @@ impl Default for ClientOptions {
             read_only: false,
             extended_headers: true,
             structured_replies: true,
+            tls: None,
         }
     }
 }
@@ -226,6 +252,19 @@ impl Shared {
             let _ = p.done.send(Err(conn_error(why)));
         }
     }
+}
+
+/// QEMU's "Failed to connect to '%s': <strerror>".
+fn connect_error(e: &std::io::Error, what: &str) -> Error {
+    let errno = e.raw_os_error().unwrap_or(libc::EIO);
+    let text = match e.raw_os_error() {
+        Some(n) => strata_core::error::strerror(n),
+        None => e.to_string(),
+    };
+    Error::new(
+        ErrorKind::Io(errno),
+        format!("Failed to connect to '{what}': {text}"),
+    )
 }
 
 fn conn_error(why: &str) -> Error {
@@ -310,11 +349,68 @@ fn opt_error(rep: u32, data: &[u8], what: &str) -> Error {
     Error::new(kind, msg)
 }
 
-async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
-    s: &mut S,
+/// QEMU's name for an option, for messages.
+fn opt_name(option: u32) -> &'static str {
+    match option {
+        OPT_EXPORT_NAME => "export name",
+        OPT_ABORT => "abort",
+        OPT_LIST => "list",
+        OPT_STARTTLS => "starttls",
+        OPT_INFO => "info",
+        OPT_GO => "go",
+        OPT_STRUCTURED_REPLY => "structured reply",
+        OPT_LIST_META_CONTEXT => "list meta context",
+        OPT_SET_META_CONTEXT => "set meta context",
+        OPT_EXTENDED_HEADERS => "extended headers",
+        _ => "<unknown>",
+    }
+}
+
+/// `NBD_REP_ERR_TLS_REQD` ends the handshake whatever the option was (QEMU's text).
+fn check_tls_reqd(rep: u32, option: u32, data: &[u8]) -> Result<()> {
+    if rep == REP_ERR_TLS_REQD {
+        let mut msg = format!(
+            "TLS negotiation required before option {option} ({})\nDid you forget a valid tls-creds?",
+            opt_name(option)
+        );
+        if !data.is_empty() {
+            msg.push_str(&format!(
+                "\nserver reported: {}",
+                String::from_utf8_lossy(data)
+            ));
+        }
+        return Err(Error::new(ErrorKind::Io(libc::EPERM), msg));
+    }
+    Ok(())
+}
+
+/// `NBD_OPT_STARTTLS`, then the TLS handshake (QEMU's `nbd_receive_starttls`).
+async fn starttls(mut s: BoxStream, tls: &dyn TlsConnect) -> Result<BoxStream> {
+    s.write_all(&encode_option(OPT_STARTTLS, &[])).await?;
+    let (rep, data) = read_opt_reply(&mut s, OPT_STARTTLS).await?;
+    if rep != REP_ACK {
+        if rep_is_err(rep) && !data.is_empty() {
+            return Err(Error::unsupported(format!(
+                "Server rejected request to start TLS: {}",
+                String::from_utf8_lossy(&data)
+            )));
+        }
+        return Err(Error::unsupported("Server don't support STARTTLS option"));
+    }
+    if !data.is_empty() {
+        return Err(Error::corrupt("Start TLS response was not zero"));
+    }
+    tls.connect(s)
+        .await
+        .map_err(|e| Error::new(ErrorKind::Io(libc::EPERM), e.to_string()))
+}
+
+async fn handshake(
+    mut stream: BoxStream,
     export: &str,
     opts: &ClientOptions,
-) -> Result<Negotiated> {
+) -> Result<(BoxStream, Negotiated)> {
+    let s = &mut stream;
     let mut g = [0u8; GREETING_LEN];
     s.read_exact(&mut g).await?;
     let hflags = decode_greeting(&g).map_err(proto_err)?;
@@ -327,12 +423,17 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         cflags |= FLAG_C_NO_ZEROES;
     }
     s.write_all(&cflags.to_be_bytes()).await?;
+    if let Some(tls) = &opts.tls {
+        stream = starttls(stream, tls.as_ref()).await?;
+    }
+    let s = &mut stream;
 
     let mut mode = HeaderMode::Simple;
     if opts.extended_headers {
         s.write_all(&encode_option(OPT_EXTENDED_HEADERS, &[]))
             .await?;
-        let (rep, _) = read_opt_reply(s, OPT_EXTENDED_HEADERS).await?;
+        let (rep, data) = read_opt_reply(s, OPT_EXTENDED_HEADERS).await?;
+        check_tls_reqd(rep, OPT_EXTENDED_HEADERS, &data)?;
         if rep == REP_ACK {
             mode = HeaderMode::Extended;
         }
@@ -340,7 +441,8 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     if mode == HeaderMode::Simple && opts.structured_replies {
         s.write_all(&encode_option(OPT_STRUCTURED_REPLY, &[]))
             .await?;
-        let (rep, _) = read_opt_reply(s, OPT_STRUCTURED_REPLY).await?;
+        let (rep, data) = read_opt_reply(s, OPT_STRUCTURED_REPLY).await?;
+        check_tls_reqd(rep, OPT_STRUCTURED_REPLY, &data)?;
         if rep == REP_ACK {
             mode = HeaderMode::Structured;
         }
@@ -358,6 +460,7 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         .await?;
         loop {
             let (rep, data) = read_opt_reply(s, OPT_SET_META_CONTEXT).await?;
+            check_tls_reqd(rep, OPT_SET_META_CONTEXT, &data)?;
             match rep {
                 REP_META_CONTEXT => {
                     let (id, name) = decode_rep_meta_context(&data).map_err(proto_err)?;
@@ -385,6 +488,7 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     let mut block_sizes = (1, 4096, MAX_BUFFER);
     loop {
         let (rep, data) = read_opt_reply(s, OPT_GO).await?;
+        check_tls_reqd(rep, OPT_GO, &data)?;
         match rep {
             REP_INFO => match decode_info(&data).map_err(proto_err)? {
                 Info::Export { size, flags } => export_info = Some((size, flags)),
@@ -411,7 +515,20 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                 export_info = Some((size, flags));
                 break;
             }
+            REP_ERR_UNKNOWN => {
+                let _ = s.write_all(&encode_option(OPT_ABORT, &[])).await;
+                // QEMU's error, with its hint on the next line.
+                let mut msg = "Requested export not available".to_string();
+                if !data.is_empty() {
+                    msg.push_str(&format!(
+                        "\nserver reported: {}",
+                        String::from_utf8_lossy(&data)
+                    ));
+                }
+                return Err(Error::new(ErrorKind::NotFound, msg));
+            }
             r if rep_is_err(r) => {
+                let _ = s.write_all(&encode_option(OPT_ABORT, &[])).await;
                 return Err(opt_error(r, &data, &format!("Opening export '{export}'")));
             }
             _ => {}
@@ -419,13 +536,16 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let (size, flags) =
         export_info.ok_or_else(|| Error::corrupt("server did not send export info"))?;
-    Ok(Negotiated {
-        size,
-        flags,
-        mode,
-        block_sizes,
-        base_ctx,
-    })
+    Ok((
+        stream,
+        Negotiated {
+            size,
+            flags,
+            mode,
+            block_sizes,
+            base_ctx,
+        },
+    ))
 }
 
 impl NbdClient {
@@ -447,17 +567,15 @@ impl NbdClient {
         opts: &ClientOptions,
     ) -> Result<Arc<NbdClient>> {
         let stream: BoxStream = match addr {
-            NbdAddr::Unix(p) => {
-                Box::new(tokio::net::UnixStream::connect(p).await.map_err(|e| {
-                    Error::from(e).context(format!("Failed to connect to '{}'", p.display()))
-                })?)
-            }
+            NbdAddr::Unix(p) => Box::new(
+                tokio::net::UnixStream::connect(p)
+                    .await
+                    .map_err(|e| connect_error(&e, &p.display().to_string()))?,
+            ),
             NbdAddr::Tcp { host, port } => {
                 let s = tokio::net::TcpStream::connect((host.as_str(), *port))
                     .await
-                    .map_err(|e| {
-                        Error::from(e).context(format!("Failed to connect to '{host}:{port}'"))
-                    })?;
+                    .map_err(|e| connect_error(&e, &format!("{host}:{port}")))?;
                 let _ = s.set_nodelay(true);
                 Box::new(s)
             }
@@ -467,12 +585,12 @@ impl NbdClient {
 
     /// Run the handshake over an already connected stream (a TLS session, a socket pair).
     pub async fn over_stream(
-        mut stream: BoxStream,
+        stream: BoxStream,
         addr: NbdAddr,
         export: &str,
         opts: &ClientOptions,
     ) -> Result<Arc<NbdClient>> {
-        let n = handshake(&mut stream, export, opts).await?;
+        let (stream, n) = handshake(stream, export, opts).await?;
         let (rd, wr) = tokio::io::split(stream);
         let shared = Arc::new(Shared {
             table: Mutex::default(),
@@ -516,6 +634,11 @@ impl NbdClient {
     /// Whether `base:allocation` was negotiated (block status is real, not a guess).
     pub fn has_base_allocation(&self) -> bool {
         self.base_ctx.is_some()
+    }
+
+    /// Whether the connection is still up (not closed, no transport failure seen).
+    pub fn is_connected(&self) -> bool {
+        !self.closed.load(Ordering::SeqCst) && self.shared.table.lock().dead.is_none()
     }
 
     /// The URI of the export.
@@ -1008,6 +1131,9 @@ impl BlockNode for NbdClient {
 
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
+            if self.closed.load(Ordering::SeqCst) {
+                return Ok(());
+            }
             let r = self.flush_impl().await;
             self.disconnect();
             r

@@ -3,10 +3,14 @@
 //! ([`client`], driver `nbd`).
 
 pub mod client;
+pub mod driver;
 pub mod proto;
 pub mod server;
+pub mod tls;
 
-pub use client::{ClientOptions, HeaderMode, NbdAddr, NbdClient, NbdNode, NbdUri};
+pub use client::{ClientOptions, HeaderMode, NbdAddr, NbdClient, NbdNode, NbdUri, TlsConnect};
+pub use driver::{NbdDriverFactory, ReconnectingNbd};
 pub use server::{
     BoxStream, DirtySource, ExportConfig, ListenAddr, NbdServer, NbdStream, ServerOptions, TlsHook,
 };
+pub use tls::{Endpoint, TlsCreds};

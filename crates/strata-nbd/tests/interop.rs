@@ -364,6 +364,7 @@ async fn own_client_against_qemu_nbd() {
             read_only: false,
             extended_headers: ext,
             structured_replies: true,
+            ..Default::default()
         };
         let c = NbdClient::connect_with(&NbdAddr::Unix(sock.clone()), "", &opts)
             .await

@@ -69,6 +69,7 @@ async fn own_client_all_header_styles() {
             read_only: false,
             extended_headers: ext,
             structured_replies: structured,
+            ..Default::default()
         };
         let c = NbdClient::connect_with(&NbdAddr::Unix(sock.clone()), "exp", &opts)
             .await
@@ -107,6 +108,7 @@ async fn sparse_reads_and_block_status_through_backing() {
             read_only: true,
             extended_headers: ext,
             structured_replies: true,
+            ..Default::default()
         };
         let c = NbdClient::connect_with(&NbdAddr::Unix(sock.clone()), "exp", &opts)
             .await

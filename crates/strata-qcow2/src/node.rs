@@ -363,7 +363,10 @@ impl Qcow2 {
 
     /// The current backing node.
     pub(crate) fn backing_node(&self) -> Option<NodeRef> {
-        self.backing.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.backing
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Wait until every request started through [`Qcow2::settled`] has finished, including

@@ -1,6 +1,8 @@
 //! Opening images for a subcommand: qemu-img's `img_open` on strata-graph's chain opener,
 //! with qemu-img's error wording ("Could not open 'x': ...") and its warnings on stderr.
 
+use std::sync::Arc;
+
 use strata_core::{Error, NodeRef};
 use strata_graph::{BackingMode, ImageOptions};
 use strata_io::Aio;
@@ -95,8 +97,52 @@ pub async fn open(filename: &str, opts: &OpenOpts) -> Result<Image, Fail> {
         .map_err(|e| Fail::msg(format!("Could not open '{filename}': {e}")))
 }
 
+/// Whether `filename` is an NBD URI (`nbd://host[:port]/export`, `nbd+unix:///export?socket=`).
+pub fn is_nbd_uri(filename: &str) -> bool {
+    ["nbd://", "nbd+tcp://", "nbd+unix://"]
+        .iter()
+        .any(|p| filename.starts_with(p))
+}
+
+/// Open an NBD export: the client is the protocol node; the format on top is raw unless
+/// `-f` says otherwise (the export is never probed). A qcow2 image on an export opens
+/// without its backing chain only when asked to.
+async fn open_nbd(filename: &str, opts: &OpenOpts) -> Result<Image, Error> {
+    let uri = strata_nbd::NbdUri::parse(filename)?;
+    let co = strata_nbd::ClientOptions {
+        read_only: opts.read_only,
+        ..Default::default()
+    };
+    let client: NodeRef = strata_nbd::NbdClient::connect_with(&uri.addr, &uri.export, &co).await?;
+    let node: NodeRef = match opts.fmt.as_deref() {
+        Some("file") | Some("nbd") => client,
+        None | Some("raw") => Arc::new(strata_graph::RawNode::open(
+            client,
+            strata_graph::RawOptions::default(),
+        )?),
+        Some("qcow2") => {
+            let h = strata_qcow2::read_header(&client).await?;
+            if let (Some(b), false) = (&h.backing_file, opts.no_backing) {
+                return Err(Error::unsupported(format!(
+                    "Backing file '{b}' of an image on NBD cannot be opened"
+                )));
+            }
+            let qo = strata_qcow2::OpenOptions {
+                read_only: opts.read_only,
+                ..Default::default()
+            };
+            Qcow2::open(client, &qo, None, None).await?
+        }
+        Some(other) => return Err(Error::invalid(format!("Unknown driver '{other}'"))),
+    };
+    Ok(Image { node })
+}
+
 /// Open `filename`, with the driver's own error (what `bdrv_open` reports).
 pub async fn open_raw_error(filename: &str, opts: &OpenOpts) -> Result<Image, Error> {
+    if is_nbd_uri(filename) {
+        return open_nbd(filename, opts).await;
+    }
     let aio = match opts.aio.as_deref() {
         None => Aio::default(),
         Some(s) => s.parse()?,

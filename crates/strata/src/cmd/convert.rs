@@ -205,6 +205,7 @@ async fn convert(req: &Request, progress: Arc<Progress>) -> CmdResult {
     let total: u64 = sources.iter().map(|s| s.node().size()).sum();
 
     let mut target_backing: Option<String> = req.backing.clone();
+    let nbd_target = crate::open::is_nbd_uri(&req.target);
     if !req.no_create {
         if !crate::options::is_known_format(&req.out_fmt) {
             return Err(Fail::msg(format!("Unknown file format '{}'", req.out_fmt)));
@@ -252,14 +253,24 @@ async fn convert(req: &Request, progress: Arc<Progress>) -> CmdResult {
                 ));
             }
         }
-        crate::image_create::create_image(&req.target, &req.out_fmt, total, &opts)
-            .await
-            .map_err(|e| {
-                Fail::msg(format!(
-                    "{}: error while converting {}: {e}",
-                    req.target, req.out_fmt
-                ))
-            })?;
+        if nbd_target {
+            // Nothing to create on an export: it must be raw and big enough (below).
+            if req.out_fmt != "raw" {
+                return Err(Fail::msg(format!(
+                    "{}: error while converting {}: Creating {} images on NBD exports is not supported",
+                    req.target, req.out_fmt, req.out_fmt
+                )));
+            }
+        } else {
+            crate::image_create::create_image(&req.target, &req.out_fmt, total, &opts)
+                .await
+                .map_err(|e| {
+                    Fail::msg(format!(
+                        "{}: error while converting {}: {e}",
+                        req.target, req.out_fmt
+                    ))
+                })?;
+        }
     } else {
         check_target(req, &target_backing, sources.len())?;
     }
@@ -275,7 +286,7 @@ async fn convert(req: &Request, progress: Arc<Progress>) -> CmdResult {
     if req.compress && Qcow2Compressed::new(&tnode).is_none() {
         return Err(Fail::msg("Compression not supported for this file format"));
     }
-    if req.no_create && tnode.size() < total {
+    if (req.no_create || nbd_target) && tnode.size() < total {
         return Err(Fail::msg("output file is smaller than input file"));
     }
     let has_backing = target_backing.is_some();
@@ -283,7 +294,9 @@ async fn convert(req: &Request, progress: Arc<Progress>) -> CmdResult {
         TargetInit::Backing {
             len: tnode.backing().map(|b| b.size()).unwrap_or(0),
         }
-    } else if req.target_is_zero || (!req.no_create && req.min_sparse > 0 && !has_backing) {
+    } else if req.target_is_zero
+        || (!req.no_create && !nbd_target && req.min_sparse > 0 && !has_backing)
+    {
         TargetInit::Zero
     } else {
         TargetInit::Unknown

@@ -347,7 +347,12 @@ fn collect_info_list(
                 ..Default::default()
             };
             let img = crate::open::open(&name, &opts).await?;
-            let info = describe(&img.node(), &name).await;
+            // An NBD image shows its canonical name, as QEMU's does.
+            let shown = match crate::open::is_nbd_uri(&name) {
+                true => img.node().filename(),
+                false => name.clone(),
+            };
+            let info = describe(&img.node(), &shown).await;
             img.close().await?;
             let info = info?;
             if chain && let Some(full) = &info.full_backing_filename {
@@ -381,10 +386,13 @@ fn sector_len(node: &NodeRef) -> u64 {
 
 /// Describe an open node (QEMU's `bdrv_query_block_graph_info`).
 async fn describe(node: &NodeRef, filename: &str) -> Result<NodeInfo, Fail> {
+    // NBD has no `bdrv_get_info`: no dirty flag for it or a raw node on it.
+    let nbd = |n: &NodeRef| n.driver() == "nbd";
+    let no_info = nbd(node) || (node.driver() == "raw" && node.file().is_some_and(|f| nbd(&f)));
     let mut info = NodeInfo {
         filename: filename.to_string(),
         format: node.driver().to_string(),
-        dirty_flag: Some(false),
+        dirty_flag: (!no_info).then_some(false),
         actual_size: allocated(node).await,
         virtual_size: sector_len(node),
         ..Default::default()
@@ -408,10 +416,10 @@ async fn describe(node: &NodeRef, filename: &str) -> Result<NodeInfo, Fail> {
         let child = NodeInfo {
             filename: f.filename(),
             format: f.driver().to_string(),
-            dirty_flag: Some(false),
+            dirty_flag: (!nbd(&f)).then_some(false),
             actual_size: allocated(&f).await,
             virtual_size: sector_len(&f),
-            format_specific: Some((f.driver().to_string(), QDict::new())),
+            format_specific: (!nbd(&f)).then(|| (f.driver().to_string(), QDict::new())),
             ..Default::default()
         };
         info.children.push(("file".to_string(), child));

@@ -53,7 +53,11 @@ enum Action {
 /// A minimal QMP client: one request at a time; events are kept for whoever wants them.
 struct Qmp {
     out: UnixStream,
-    input: serde_json::StreamDeserializer<'static, serde_json::de::IoRead<BufReader<UnixStream>>, Value>,
+    input: serde_json::StreamDeserializer<
+        'static,
+        serde_json::de::IoRead<BufReader<UnixStream>>,
+        Value,
+    >,
     events: Vec<Value>,
 }
 
@@ -65,7 +69,11 @@ impl Qmp {
             s.try_clone().map_err(|e| Fail::msg(e.to_string()))?,
         ))
         .into_iter();
-        let mut q = Qmp { out: s, input, events: Vec::new() };
+        let mut q = Qmp {
+            out: s,
+            input,
+            events: Vec::new(),
+        };
         q.next()?; // greeting
         q.call("qmp_capabilities", json!({}))?;
         Ok(q)
@@ -102,13 +110,20 @@ fn num(v: &Value, k: &str) -> u64 {
 }
 
 fn text(v: &Value, k: &str) -> String {
-    v.get(k).and_then(Value::as_str).unwrap_or_default().to_string()
+    v.get(k)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// One line per job: id, type, status, progress.
 fn render(job: &Value) -> String {
     let (cur, total) = (num(job, "current-progress"), num(job, "total-progress"));
-    let pct = if total == 0 { 0.0 } else { cur as f64 * 100.0 / total as f64 };
+    let pct = if total == 0 {
+        0.0
+    } else {
+        cur as f64 * 100.0 / total as f64
+    };
     let mut line = format!(
         "{:<16} {:<8} {:<10} {:>6.2}% ({cur}/{total})",
         text(job, "id"),
@@ -137,7 +152,11 @@ fn watch(q: &mut Qmp) -> Result<(), Fail> {
             let bar = match bars.iter().find(|(i, _)| *i == id) {
                 Some((_, b)) => b.clone(),
                 None => {
-                    let b = multi.add(ProgressBar::new(0).with_style(style.clone()).with_prefix(id.clone()));
+                    let b = multi.add(
+                        ProgressBar::new(0)
+                            .with_style(style.clone())
+                            .with_prefix(id.clone()),
+                    );
                     bars.push((id.clone(), b.clone()));
                     b
                 }
@@ -151,7 +170,9 @@ fn watch(q: &mut Qmp) -> Result<(), Fail> {
                 b.finish_with_message("done");
             }
         }
-        let active = jobs.iter().any(|j| !matches!(text(j, "status").as_str(), "concluded" | "null"));
+        let active = jobs
+            .iter()
+            .any(|j| !matches!(text(j, "status").as_str(), "concluded" | "null"));
         if !active && (started.elapsed() > Duration::from_millis(300) || !jobs.is_empty()) {
             return Ok(());
         }
@@ -181,12 +202,18 @@ pub fn run(a: Args) -> CmdResult {
         },
         Action::Pause { id } => verb(&mut q, "job-pause", json!({"id": id})),
         Action::Resume { id } => verb(&mut q, "job-resume", json!({"id": id})),
-        Action::Cancel { id, force } => verb(&mut q, "block-job-cancel", json!({"device": id, "force": force})),
+        Action::Cancel { id, force } => verb(
+            &mut q,
+            "block-job-cancel",
+            json!({"device": id, "force": force}),
+        ),
         Action::Complete { id } => verb(&mut q, "job-complete", json!({"id": id})),
         Action::Finalize { id } => verb(&mut q, "job-finalize", json!({"id": id})),
         Action::Dismiss { id } => verb(&mut q, "job-dismiss", json!({"id": id})),
-        Action::SetSpeed { id, speed } => {
-            verb(&mut q, "block-job-set-speed", json!({"device": id, "speed": speed}))
-        }
+        Action::SetSpeed { id, speed } => verb(
+            &mut q,
+            "block-job-set-speed",
+            json!({"device": id, "speed": speed}),
+        ),
     }
 }

@@ -1,0 +1,213 @@
+//! [`GraphNode`]: a named node of the graph as its parents see it — the driver behind a
+//! [`Link`] (so `blockdev-reopen` can swap in a reopened driver while I/O is drained), with
+//! the generic per-node work QEMU does in `block/io.c`: I/O accounting, and marking the dirty
+//! bitmaps of drivers that do not keep their own.
+
+use std::any::Any;
+use std::sync::Arc;
+use std::time::Instant;
+
+use strata_core::bitmap::BitmapSet;
+use strata_core::{
+    BlockNode, BoxFuture, DebugEvent, Extent, IoBuf, NodeRef, Prealloc, Result, WriteFlags,
+    ZeroFlags,
+};
+
+use crate::link::Link;
+use crate::stats::{IoKind, IoStats};
+
+/// A named node: what links and exports point at.
+#[derive(Debug)]
+pub struct GraphNode {
+    name: String,
+    driver: Arc<Link>,
+    stats: IoStats,
+    /// Bitmaps for drivers without a registry of their own (qcow2 keeps and persists its).
+    own_bitmaps: Arc<BitmapSet>,
+}
+
+impl GraphNode {
+    /// Wrap `driver` as the node called `name`.
+    pub fn new(name: &str, driver: NodeRef) -> Arc<GraphNode> {
+        let own_bitmaps = Arc::new(BitmapSet::new(driver.size()));
+        Arc::new(GraphNode {
+            name: name.to_string(),
+            driver: Link::new(driver),
+            stats: IoStats::default(),
+            own_bitmaps,
+        })
+    }
+
+    /// The node name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The driver instance behind the node (for downcasting and graph bookkeeping).
+    pub fn inner(&self) -> NodeRef {
+        self.driver.target()
+    }
+
+    /// Swap in a reopened driver once in-flight requests are done.
+    pub async fn replace_driver(&self, driver: NodeRef) {
+        self.driver.retarget(driver).await
+    }
+
+    /// The link to the driver, to hold a drained section across several steps.
+    pub fn driver_link(&self) -> &Link {
+        &self.driver
+    }
+
+    /// The node's live dirty bitmaps: the driver's registry, or the node's own.
+    pub fn bitmaps(&self) -> Arc<BitmapSet> {
+        self.inner()
+            .dirty_bitmaps()
+            .unwrap_or_else(|| self.own_bitmaps.clone())
+    }
+
+    /// Mark `[offset, offset + len)` in the node's own bitmaps (drivers with a registry of
+    /// their own mark it themselves).
+    fn mark(&self, offset: u64, len: u64) {
+        if !self.own_bitmaps.is_empty() && self.inner().dirty_bitmaps().is_none() {
+            self.own_bitmaps.mark(offset, len);
+        }
+    }
+
+    /// The node's I/O accounting.
+    pub fn stats(&self) -> &IoStats {
+        &self.stats
+    }
+}
+
+/// Account a request of `bytes` at `offset` once `$fut` finishes.
+macro_rules! accounted {
+    ($self:ident, $kind:expr, $offset:expr, $bytes:expr, $fut:expr) => {
+        Box::pin(async move {
+            let start = Instant::now();
+            let r = $fut.await;
+            $self
+                .stats
+                .account($kind, $offset, $bytes, start.elapsed(), r.is_ok());
+            r
+        })
+    };
+}
+
+impl BlockNode for GraphNode {
+    fn driver(&self) -> &'static str {
+        self.driver.driver()
+    }
+
+    fn filename(&self) -> String {
+        self.driver.filename()
+    }
+
+    fn size(&self) -> u64 {
+        self.driver.size()
+    }
+
+    fn read_only(&self) -> bool {
+        self.driver.read_only()
+    }
+
+    fn request_alignment(&self) -> u64 {
+        self.driver.request_alignment()
+    }
+
+    fn read(&self, offset: u64, buf: IoBuf) -> BoxFuture<'_, IoBuf> {
+        let n = buf.len() as u64;
+        accounted!(self, IoKind::Read, offset, n, self.driver.read(offset, buf))
+    }
+
+    fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BoxFuture<'_, IoBuf> {
+        let n = buf.len() as u64;
+        self.mark(offset, n);
+        accounted!(
+            self,
+            IoKind::Write,
+            offset,
+            n,
+            self.driver.write(offset, buf, flags)
+        )
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BoxFuture<'_, ()> {
+        self.mark(offset, len);
+        accounted!(
+            self,
+            IoKind::Write,
+            offset,
+            len,
+            self.driver.write_zeroes(offset, len, flags)
+        )
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> BoxFuture<'_, ()> {
+        self.mark(offset, len);
+        accounted!(
+            self,
+            IoKind::Discard,
+            offset,
+            len,
+            self.driver.discard(offset, len)
+        )
+    }
+
+    fn flush(&self) -> BoxFuture<'_, ()> {
+        accounted!(self, IoKind::Flush, 0, 0, self.driver.flush())
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> BoxFuture<'_, Extent> {
+        self.driver.block_status(offset, len)
+    }
+
+    fn truncate(&self, size: u64, prealloc: Prealloc) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            self.driver.truncate(size, prealloc).await?;
+            self.own_bitmaps.resize(size);
+            Ok(())
+        })
+    }
+
+    fn dirty_bitmaps(&self) -> Option<Arc<BitmapSet>> {
+        Some(self.bitmaps())
+    }
+
+    fn backing(&self) -> Option<NodeRef> {
+        self.driver.backing()
+    }
+
+    fn file(&self) -> Option<NodeRef> {
+        self.driver.file()
+    }
+
+    fn set_backing_link(&self, backing: Option<NodeRef>) -> Result<()> {
+        self.driver.set_backing_link(backing)
+    }
+
+    fn debug_event(&self, event: DebugEvent) {
+        self.driver.debug_event(event)
+    }
+
+    fn allocated_size(&self) -> BoxFuture<'_, Option<u64>> {
+        self.driver.allocated_size()
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move { self.inner().close().await })
+    }
+
+    fn check_bitmap_storable(&self, node_name: &str, name: &str, granularity: u64) -> Result<()> {
+        self.driver
+            .check_bitmap_storable(node_name, name, granularity)
+    }
+
+    fn remove_stored_bitmap(&self, name: &str) -> BoxFuture<'_, ()> {
+        let (node, name) = (self.inner(), name.to_string());
+        Box::pin(async move { node.remove_stored_bitmap(&name).await })
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}

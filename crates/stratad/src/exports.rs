@@ -1,0 +1,367 @@
+//! NBD server and block exports: `nbd-server-start/stop`, `block-export-add/del`, the legacy
+//! `nbd-server-add/remove`, `query-block-exports`, and BLOCK_EXPORT_DELETED.
+//!
+//! An export is a user of its node like QEMU's anonymous block backend: a graph edge with
+//! the export's permissions and a [`Link`] the NBD server reads and writes through, so a
+//! job's pivot moves the export to the new node with no client noticing.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+use strata_core::NodeRef;
+use strata_core::bitmap::BitmapSet;
+use strata_graph::{EdgeId, EdgePerms, Link, Use, User};
+use strata_nbd::server::{DirtySource, ExportConfig, ListenAddr, NbdServer, ServerOptions};
+
+use crate::commands::{Args, Reply, arg_str, generic, ok, opt_bool, opt_str};
+use crate::daemon::Daemon;
+
+/// One export.
+#[derive(Debug)]
+struct ExportRec {
+    /// NBD export name.
+    name: String,
+    /// The node it was created on.
+    node_name: String,
+    /// Its edge in the graph.
+    edge: EdgeId,
+    /// Its data path (follows pivots).
+    link: Arc<Link>,
+    /// Bitmaps it made busy: (node, bitmap).
+    bitmaps: Vec<(Arc<BitmapSet>, String)>,
+}
+
+/// The NBD server (one, as in QEMU) and the exports by id.
+#[derive(Default)]
+pub struct NbdState {
+    server: Option<Arc<NbdServer>>,
+    exports: BTreeMap<String, ExportRec>,
+}
+
+impl std::fmt::Debug for NbdState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdState")
+            .field("exports", &self.exports)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A bitmap read live by NBD block status.
+struct BitmapSource {
+    set: Arc<BitmapSet>,
+    name: String,
+}
+
+impl DirtySource for BitmapSource {
+    fn dirty_extents(&self, offset: u64, len: u64) -> Vec<(u64, bool)> {
+        let end = offset + len;
+        let runs = self.set.with_bitmap(&self.name, |b| {
+            let mut out = Vec::new();
+            let mut pos = offset;
+            for (s, l) in b.extents_in(offset, len) {
+                let (s, e) = (s.max(offset), (s + l).min(end));
+                if s > pos {
+                    out.push((s - pos, false));
+                }
+                if e > s {
+                    out.push((e - s, true));
+                }
+                pos = e.max(pos);
+            }
+            if pos < end {
+                out.push((end - pos, false));
+            }
+            out
+        });
+        runs.unwrap_or_else(|| vec![(len, false)])
+    }
+}
+
+/// Parse QMP's `SocketAddressLegacy` (`{"type": "unix", "data": {"path": ...}}`) or the
+/// flat `SocketAddress` of the command line (`{"type": "unix", "path": ...}`).
+pub fn listen_addr(addr: &Value) -> Result<ListenAddr, String> {
+    let kind = addr.get("type").and_then(Value::as_str).unwrap_or_default();
+    let data = addr.get("data").unwrap_or(addr);
+    let s = |k: &str| data.get(k).and_then(Value::as_str).map(str::to_string);
+    match kind {
+        "unix" => Ok(ListenAddr::Unix(PathBuf::from(
+            s("path").unwrap_or_default(),
+        ))),
+        "inet" => {
+            let host = s("host").unwrap_or_default();
+            let port = s("port").unwrap_or_default();
+            let port: u16 = port.parse().map_err(|_| {
+                format!("Service '{port}' is not a number (NBD server ports must be numeric)")
+            })?;
+            Ok(ListenAddr::Tcp { host, port })
+        }
+        other => Err(format!("Address type '{other}' is not supported")),
+    }
+}
+
+/// Start the server (from `--nbd-server` or `nbd-server-start`).
+pub async fn start_server(d: &Daemon, a: &Args) -> Result<(), String> {
+    let mut st = d.nbd.lock().await;
+    if st.server.is_some() {
+        return Err("NBD server already running".into());
+    }
+    let addr = listen_addr(a.get("addr").unwrap_or(&Value::Null))?;
+    let opts = ServerOptions {
+        max_connections: a
+            .get("max-connections")
+            .and_then(Value::as_u64)
+            .unwrap_or(100) as u32,
+        handshake_max_seconds: a
+            .get("handshake-max-seconds")
+            .and_then(Value::as_u64)
+            .unwrap_or(10) as u32,
+    };
+    let tls = match opt_str(a, "tls-creds") {
+        Some(id) => {
+            let objs = d.objects.lock();
+            if !objs.0.contains_key(id) {
+                return Err(format!("No TLS credentials with id '{id}'"));
+            }
+            let creds = objs
+                .1
+                .tls_creds
+                .get(id)
+                .cloned()
+                .and_then(|c| c.downcast::<strata_nbd::TlsCreds>().ok())
+                .ok_or_else(|| format!("Object with id '{id}' is not TLS credentials"))?;
+            Some(creds.server_hook()?)
+        }
+        None => None,
+    };
+    let server = NbdServer::start_with_tls(addr, opts, tls)
+        .await
+        .map_err(|e| e.to_string())?;
+    st.server = Some(server);
+    Ok(())
+}
+
+pub async fn nbd_server_start(d: Arc<Daemon>, a: Args) -> Reply {
+    start_server(&d, &a).await.map_err(generic)?;
+    Ok(ok())
+}
+
+pub async fn nbd_server_stop(d: Arc<Daemon>, _a: Args) -> Reply {
+    let server = {
+        let st = d.nbd.lock().await;
+        st.server
+            .clone()
+            .ok_or_else(|| generic("NBD server not running"))?
+    };
+    close_all(&d).await;
+    server.stop().await;
+    d.nbd.lock().await.server = None;
+    Ok(ok())
+}
+
+/// Add an export (`block-export-add` arguments).
+pub async fn add_export(d: &Daemon, a: &Args) -> Result<(), String> {
+    let id = arg_str(a, "id").to_string();
+    let node_name = arg_str(a, "node-name").to_string();
+    let mut st = d.nbd.lock().await;
+    let Some(server) = st.server.clone() else {
+        return Err("NBD server not running".into());
+    };
+    if !strata_job::id_wellformed(&id) {
+        return Err("Invalid block export id".into());
+    }
+    if st.exports.contains_key(&id) {
+        return Err(format!("Block export id '{id}' is already in use"));
+    }
+    let name = opt_str(a, "name").unwrap_or(&node_name).to_string();
+    if server.exports().contains(&name) {
+        return Err(format!("NBD server already has export named '{name}'"));
+    }
+    let writable = opt_bool(a, "writable").unwrap_or(false);
+    let mut g = d.env.graph.lock().await;
+    let Some(rec) = g.node(&node_name) else {
+        return Err(format!("Cannot find device='' nor node-name='{node_name}'"));
+    };
+    if writable && rec.read_only {
+        return Err("Cannot export read-only node as writable".into());
+    }
+    let node = rec.node.clone();
+    let set = node.bitmaps();
+    let mut sources: Vec<(String, Arc<dyn DirtySource>)> = Vec::new();
+    let mut busy = Vec::new();
+    for b in a
+        .get("bitmaps")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let (bset, bname) = match b {
+            Value::String(n) => (set.clone(), n.clone()),
+            Value::Object(o) => {
+                let nn = o.get("node").and_then(Value::as_str).unwrap_or_default();
+                let bn = o.get("name").and_then(Value::as_str).unwrap_or_default();
+                let Some(r) = g.node(nn) else {
+                    return Err(format!("Cannot find device='' nor node-name='{nn}'"));
+                };
+                (r.node.bitmaps(), bn.to_string())
+            }
+            _ => continue,
+        };
+        let Some(info) = bset.get_info(&bname) else {
+            return Err(format!("Bitmap '{bname}' is not found"));
+        };
+        if info.recording && !writable && !rec.read_only {
+            return Err(format!(
+                "Enabled bitmap '{bname}' incompatible with readonly export"
+            ));
+        }
+        bset.check(
+            &bname,
+            strata_core::bitmap::CheckFlags::BUSY | strata_core::bitmap::CheckFlags::INCONSISTENT,
+        )
+        .map_err(|e| e.message().to_string())?;
+        sources.push((
+            bname.clone(),
+            Arc::new(BitmapSource {
+                set: bset.clone(),
+                name: bname.clone(),
+            }),
+        ));
+        busy.push((bset, bname));
+    }
+    let link = Link::new(node.clone());
+    let perms = if writable {
+        Use::ExportWrite
+    } else {
+        Use::ExportRead
+    };
+    let edge = g.add_edge(
+        User::Backend,
+        &node_name,
+        "root",
+        EdgePerms::Fixed(perms.perms()),
+        Some(link.clone()),
+    )?;
+    let cfg = ExportConfig {
+        name: name.clone(),
+        description: opt_str(a, "description").map(str::to_string),
+        node: link.clone() as NodeRef,
+        writable,
+        bitmaps: sources,
+        allocation_depth: opt_bool(a, "allocation-depth").unwrap_or(false),
+        multi_conn: true,
+    };
+    if let Err(e) = server.add_export(cfg) {
+        g.remove_edge(edge);
+        return Err(e.to_string());
+    }
+    for (s, n) in &busy {
+        let _ = s.set_busy(n, true);
+    }
+    st.exports.insert(
+        id,
+        ExportRec {
+            name,
+            node_name,
+            edge,
+            link,
+            bitmaps: busy,
+        },
+    );
+    Ok(())
+}
+
+pub async fn block_export_add(d: Arc<Daemon>, a: Args) -> Reply {
+    if arg_str(&a, "type") != "nbd" {
+        return Err(generic("No driver found for the requested export type"));
+    }
+    add_export(&d, &a).await.map_err(generic)?;
+    Ok(ok())
+}
+
+pub async fn nbd_server_add(d: Arc<Daemon>, a: Args) -> Reply {
+    let device = arg_str(&a, "device");
+    let name = opt_str(&a, "name").unwrap_or(device).to_string();
+    let mut args = serde_json::Map::new();
+    args.insert("type".into(), json!("nbd"));
+    args.insert("id".into(), json!(name));
+    args.insert("node-name".into(), json!(device));
+    args.insert("name".into(), json!(name));
+    for k in ["description", "writable"] {
+        if let Some(v) = a.get(k) {
+            args.insert(k.into(), v.clone());
+        }
+    }
+    if let Some(b) = a.get("bitmap") {
+        args.insert("bitmaps".into(), json!([b]));
+    }
+    add_export(&d, &args).await.map_err(generic)?;
+    Ok(ok())
+}
+
+/// Remove export `id`; `hard` disconnects clients.
+async fn del_export(d: &Daemon, id: &str, hard: bool) -> Result<(), String> {
+    let mut st = d.nbd.lock().await;
+    let Some(rec) = st.exports.get(id) else {
+        return Err(format!("Export '{id}' is not found"));
+    };
+    if let Some(server) = &st.server {
+        if !hard && server.export_clients(&rec.name) > 0 {
+            return Err(format!("export '{id}' still in use"));
+        }
+        server
+            .remove_export(&rec.name, hard)
+            .map_err(|e| e.to_string())?;
+    }
+    let rec = st.exports.remove(id).expect("present");
+    for (s, n) in &rec.bitmaps {
+        let _ = s.set_busy(n, false);
+    }
+    d.env.graph.lock().await.remove_edge(rec.edge);
+    drop(rec.link);
+    d.events.emit("BLOCK_EXPORT_DELETED", json!({"id": id}));
+    Ok(())
+}
+
+pub async fn block_export_del(d: Arc<Daemon>, a: Args) -> Reply {
+    let hard = opt_str(&a, "mode") == Some("hard");
+    del_export(&d, arg_str(&a, "id"), hard)
+        .await
+        .map_err(generic)?;
+    Ok(ok())
+}
+
+pub async fn nbd_server_remove(d: Arc<Daemon>, a: Args) -> Reply {
+    let hard = opt_str(&a, "mode") == Some("hard");
+    del_export(&d, arg_str(&a, "name"), hard)
+        .await
+        .map_err(generic)?;
+    Ok(ok())
+}
+
+pub async fn query_block_exports(d: Arc<Daemon>, _a: Args) -> Reply {
+    let st = d.nbd.lock().await;
+    let list: Vec<Value> = st
+        .exports
+        .iter()
+        .map(|(id, e)| {
+            // The node the export reaches now: pivots and job filters move it.
+            let target = e.link.target();
+            let node = target
+                .as_any()
+                .downcast_ref::<strata_graph::GraphNode>()
+                .map_or(e.node_name.clone(), |g| g.name().to_string());
+            json!({"node-name": node, "shutting-down": false, "type": "nbd", "id": id})
+        })
+        .collect();
+    Ok(Value::Array(list))
+}
+
+/// Close every export, hard (shutdown and `nbd-server-stop`).
+pub async fn close_all(d: &Daemon) {
+    let ids: Vec<String> = d.nbd.lock().await.exports.keys().cloned().collect();
+    for id in ids {
+        let _ = del_export(d, &id, true).await;
+    }
+}

@@ -1,0 +1,58 @@
+"""blockdev-add / blockdev-del / query-named-block-nodes (reference §6)."""
+
+from e2elib import add_qcow2, export, nbd_start, nodes, scenario
+
+
+@scenario
+def test_blockdev_add_implicit_chain(run):
+    """file + qcow2 node whose backing chain is opened implicitly from the image headers."""
+    base, mid, top = run.chain()
+    run.start()
+    run.ok("blockdev-add", {"driver": "file", "node-name": "top-file", "filename": top})
+    run.ok("blockdev-add", {"driver": "qcow2", "node-name": "top", "file": "top-file"})
+    nodes(run, "nodes", "backing_file", "image.backing-filename", "image.cluster-size")
+    add_qcow2(run, "other", base, read_only=True, backing=None)
+    nodes(run, "nodes after read-only add")
+    run.stop()
+
+
+@scenario
+def test_blockdev_add_errors(run):
+    base, mid, top = run.chain()
+    run.start()
+    add_qcow2(run, "top", top)
+    run.err("blockdev-add", {"driver": "file", "node-name": "top", "filename": base},
+            desc="Duplicate nodes with node-name='top'", label="duplicate node name")
+    run.err("blockdev-add", {"driver": "file", "node-name": "missing",
+                             "filename": run.path("nope.qcow2")},
+            desc=f"Could not open '{run.path('nope.qcow2')}': No such file or directory",
+            label="missing file")
+    run.err("blockdev-add", {"driver": "qcow2", "node-name": "q", "file": "no-such-node"},
+            label="unknown node reference")
+    extra = run.img("extra.qcow2")
+    run.err("blockdev-add", {"driver": "qcow2", "node-name": "q",
+                             "file": {"driver": "file", "filename": extra},
+                             "backing": "no-such-node"}, label="unknown backing reference")
+    run.err("blockdev-add", {"driver": "qcow2", "node-name": "q2",
+                             "file": {"driver": "file", "filename": top}},
+            label="image already in use (locking)")
+    run.err("blockdev-add", {"driver": "file", "filename": base},
+            desc="'node-name' must be specified for the root node", label="node-name missing")
+    run.err("blockdev-add", {"driver": "file", "node-name": "1bad", "filename": base},
+            label="invalid node name")
+    run.sh(["truncate", "-s", "1M", run.path("raw.img")])
+    run.err("blockdev-add", {"driver": "qcow2", "node-name": "raw-as-qcow2",
+                             "file": {"driver": "file", "filename": run.path("raw.img")}},
+            label="not a qcow2 image")
+    run.err("blockdev-del", {"node-name": "nope"},
+            desc="Failed to find node with node-name='nope'", label="del unknown")
+    run.err("blockdev-del", {"node-name": "top-file"}, label="del child in use")
+    nbd_start(run)
+    export(run, "top")
+    run.err("blockdev-del", {"node-name": "top"}, label="del exported node")
+    run.ok("block-export-del", {"id": "exp-top"})
+    run.events("export deleted", lambda e: e["event"] == "BLOCK_EXPORT_DELETED")
+    nodes(run, "nodes before del")
+    run.ok("blockdev-del", {"node-name": "top"})
+    nodes(run, "nodes after del")
+    run.stop()
