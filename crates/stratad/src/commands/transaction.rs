@@ -1,11 +1,12 @@
 //! `transaction`: actions are prepared in order; the first failure rolls back everything
 //! prepared so far (in reverse) and is the reply. Bitmap actions keep what they need to undo
-//! themselves; `blockdev-backup` jobs of one transaction start only once every action has
-//! been prepared, and share one job transaction with `completion-mode: grouped`.
+//! themselves; a `blockdev-backup` is prepared in place (checks, filter, job created) and
+//! started only once every action has been prepared; with `completion-mode: grouped` the
+//! backups share one job transaction.
 
 use std::sync::Arc;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 use strata_core::bitmap::DirtyBitmap;
 
 use super::{Args, Reply, arg_str, from_verb, generic, ok};
@@ -28,6 +29,7 @@ enum Undo {
         was: bool,
     },
     Snapshot,
+    Backup(strata_blockjobs::backup::BackupAction),
 }
 
 const GROUPABLE: &[&str] = &["blockdev-backup", "drive-backup"];
@@ -53,10 +55,9 @@ pub async fn transaction(d: Arc<Daemon>, a: Args) -> Reply {
             }
         }
     }
+    let txn = grouped.then(|| d.env.jobs.new_txn());
     let mut undo: Vec<Undo> = Vec::new();
-    let mut backups: Vec<Map<String, Value>> = Vec::new();
     let mut removals: Vec<(String, String)> = Vec::new();
-    let mut failure = None;
     for act in &actions {
         let t = act.get("type").and_then(Value::as_str).unwrap_or_default();
         let data = act
@@ -64,24 +65,16 @@ pub async fn transaction(d: Arc<Daemon>, a: Args) -> Reply {
             .and_then(Value::as_object)
             .cloned()
             .unwrap_or_default();
-        let r = prepare(&d, t, &data, &mut undo, &mut backups, &mut removals).await;
-        if let Err(e) = r {
-            failure = Some(e);
-            break;
+        if let Err(e) = prepare(&d, t, &data, txn, &mut undo, &mut removals).await {
+            rollback(&d, undo).await;
+            return Err(e);
         }
     }
-    if failure.is_none() && !backups.is_empty() {
-        let txn = grouped.then(|| d.env.jobs.new_txn());
-        for b in &backups {
-            if let Err(e) = strata_blockjobs::backup::blockdev_backup(&d.env, b, txn).await {
-                failure = Some(from_verb(e));
-                break;
-            }
+    // Commit: start the prepared backups, in order.
+    for u in undo {
+        if let Undo::Backup(action) = u {
+            action.commit().await.map_err(from_verb)?;
         }
-    }
-    if let Some(e) = failure {
-        rollback(&d, undo).await;
-        return Err(e);
     }
     // Removals happen only once everything else succeeded.
     for (node, name) in removals {
@@ -100,8 +93,8 @@ async fn prepare(
     d: &Arc<Daemon>,
     kind: &str,
     data: &Args,
+    txn: Option<strata_job::TxnId>,
     undo: &mut Vec<Undo>,
-    backups: &mut Vec<Map<String, Value>>,
     removals: &mut Vec<(String, String)>,
 ) -> Result<(), strata_qmp::QmpError> {
     let node = arg_str(data, "node").to_string();
@@ -167,7 +160,10 @@ async fn prepare(
             Ok(())
         }
         "blockdev-backup" => {
-            backups.push(data.clone());
+            let action = strata_blockjobs::backup::backup_prepare(&d.env, data, txn)
+                .await
+                .map_err(from_verb)?;
+            undo.push(Undo::Backup(action));
             Ok(())
         }
         "blockdev-snapshot" => {
@@ -185,8 +181,13 @@ async fn prepare(
 }
 
 async fn rollback(d: &Arc<Daemon>, undo: Vec<Undo>) {
-    let g = d.env.graph.lock().await;
     for u in undo.into_iter().rev() {
+        if let Undo::Backup(action) = u {
+            // Takes the graph lock itself.
+            action.abort().await;
+            continue;
+        }
+        let g = d.env.graph.lock().await;
         let set = |node: &str| g.node(node).map(|n| n.node.bitmaps());
         match u {
             Undo::BitmapAdd { node, name } => {
@@ -208,8 +209,8 @@ async fn rollback(d: &Arc<Daemon>, undo: Vec<Undo>) {
                     };
                 }
             }
-            // An external snapshot that succeeded stays (QEMU would pivot back; later).
-            Undo::Snapshot => {}
+            // An external snapshot that succeeded stays in place: QEMU pivots back here.
+            Undo::Snapshot | Undo::Backup(_) => {}
         }
     }
 }
