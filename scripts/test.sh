@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check a change must pass: formatting, clippy, and all tests (unit, interop with
-# the installed qemu-img/qemu-io, property tests, fuzz-corpus replay).
+# the installed qemu-img/qemu-io, property tests, fuzz-corpus replay), then the end-to-end
+# suite that runs every scenario against qemu-storage-daemon and stratad and compares them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,3 +17,5 @@ if command -v cargo-nextest >/dev/null; then
 else
   cargo test --workspace --no-fail-fast
 fi
+echo "== stratad vs qemu-storage-daemon (tests/e2e)"
+./tests/e2e/run.sh

@@ -20,6 +20,32 @@ def pytest_addoption(parser):
     g.addoption("--e2e-keep", action="store_true", help="keep the per-scenario temp dirs")
 
 
+KNOWN_FILE = os.path.join(os.path.dirname(__file__), "known_mismatches.txt")
+
+
+def _known_mismatches():
+    """Scenarios where stratad is known to differ from qsd: `name: reason` per line. Their
+    stratad and compare halves are strict xfails: they are counted and listed, not hidden,
+    and a scenario that starts to match fails the run until it is taken off the list."""
+    known = {}
+    if os.path.exists(KNOWN_FILE):
+        with open(KNOWN_FILE) as f:
+            for line in f:
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    name, _, reason = line.partition(":")
+                    known[name.strip()] = reason.strip()
+    return known
+
+
+def pytest_collection_modifyitems(config, items):
+    known = _known_mismatches()
+    for item in items:
+        name = getattr(item, "originalname", item.name)
+        if name in known and _side_of(item) in ("stratad", "compare"):
+            item.add_marker(pytest.mark.xfail(strict=True, reason=known[name]))
+
+
 def _stratad_path(config):
     p = config.getoption("--stratad") or os.environ.get("STRATAD")
     if p:
@@ -75,7 +101,9 @@ def pytest_runtest_logreport(report):
         outcome = report.outcome
     if outcome is None:
         return
-    st = tally["side"].setdefault(side, {"passed": 0, "failed": 0, "skipped": 0})
+    if getattr(report, "wasxfail", None) is not None and outcome == "skipped":
+        outcome = "known"
+    st = tally["side"].setdefault(side, {"passed": 0, "failed": 0, "skipped": 0, "known": 0})
     st[outcome] = st.get(outcome, 0) + 1
 
 
@@ -92,11 +120,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         if side in tally:
             st = tally[side]
             tr.write_line(f"{side}: {st['passed']} passed, {st['failed']} failed, "
-                          f"{st['skipped']} skipped")
+                          f"{st['skipped']} skipped, {st.get('known', 0)} known mismatches")
     if "compare" in tally:
         st = tally["compare"]
-        total = st["passed"] + st["failed"] + st["skipped"]
-        tr.write_line(f"{st['passed']} scenarios match qsd / {total} total")
+        total = st["passed"] + st["failed"] + st["skipped"] + st.get("known", 0)
+        tr.write_line(f"{st['passed']} scenarios match qsd / {total} total "
+                      f"({st.get('known', 0)} known mismatches, see known_mismatches.txt)")
 
 
 def pytest_sessionfinish(session, exitstatus):
