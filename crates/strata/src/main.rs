@@ -15,6 +15,7 @@ mod bench;
 mod cli;
 mod cmd;
 mod image_create;
+mod jobs;
 mod open;
 mod options;
 mod output;

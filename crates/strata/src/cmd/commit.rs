@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use strata_core::NodeRef;
-use strata_graph::{CopyOptions, TargetInit, copy_image};
+use strata_graph::{CopyOptions, TargetInit};
 
 use crate::cli::{CacheMode, CmdResult, Fail};
 use crate::cmd::common::{CacheArg, FormatArg, ProgressArgs, one_filename};
@@ -155,7 +155,14 @@ async fn commit_into_base(
         })),
         ..Default::default()
     };
-    copy_image(top, &base_node, &copy).await.map_err(failed)?;
+    crate::jobs::copy(
+        strata_job::JobType::Commit,
+        top.clone(),
+        base_node.clone(),
+        copy,
+    )
+    .await
+    .map_err(failed)?;
     base_node.flush().await.map_err(failed)?;
     bar.print(100.0, 0);
     Ok(())

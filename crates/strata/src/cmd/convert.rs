@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use strata_core::error::strerror;
 use strata_core::{ErrorKind, NodeRef};
-use strata_graph::{CompressedWrite, CopyFailure, CopyOptions, RawOptions, TargetInit, copy_image};
+use strata_graph::{CompressedWrite, CopyFailure, CopyOptions, RawOptions, TargetInit};
 
 use crate::cli::{CmdResult, Fail};
 use crate::cmd::common::{ForceShareArg, ProgressArgs, cache_option, source_cache_option};
@@ -347,7 +347,13 @@ async fn convert(req: &Request, progress: Arc<Progress>) -> CmdResult {
                 .map_err(Fail::from)?,
             )
         };
-        if let Err(e) = copy_image(&snode, &window, &opts).await {
+        let job = crate::jobs::copy(
+            strata_job::JobType::Mirror,
+            snode.clone(),
+            window.clone(),
+            opts,
+        );
+        if let Err(e) = job.await {
             result = Err(copy_failure(&e, offset));
             break;
         }
