@@ -8,6 +8,7 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 use strata_core::{BlockNode, IoBuf, NodeRef, WriteFlags};
 use strata_graph::blockdev::{Objects, blockdev_add, blockdev_del, reopen};
+use strata_graph::drivers::throttle::{ThrottleGroup, ThrottleLimits};
 use strata_graph::{EdgePerms, Graph, Link, Use, User};
 
 fn qemu_img(args: &[&str]) {
@@ -175,12 +176,18 @@ async fn a_filter_moves_in_and_out_under_a_concurrent_writer() {
     )
     .unwrap();
     let model = Arc::new(parking_lot::Mutex::new(vec![0u8; 8 << 20]));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writes = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let writer = {
         let export = export.clone();
         let model = model.clone();
+        let (stop, writes) = (stop.clone(), writes.clone());
         tokio::spawn(async move {
             let mut seed = 12345u64;
-            for i in 0..400u64 {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 seed = seed
                     .wrapping_mul(6364136223846793005)
                     .wrapping_add(1442695040888963407);
@@ -195,19 +202,35 @@ async fn a_filter_moves_in_and_out_under_a_concurrent_writer() {
             }
         })
     };
-    for _ in 0..5 {
-        blockdev_add(
-            &mut g,
-            &objects,
-            &obj(json!({"driver": "raw", "node-name": "flt", "file": "disk"})),
-        )
-        .await
-        .unwrap();
+    // Raw, throttle and copy-on-read filters go in and out while the writer runs.
+    let mut objects = objects;
+    objects.throttle_groups.insert(
+        "tg0".into(),
+        ThrottleGroup::new(
+            "tg0",
+            ThrottleLimits::from_json(&json!({"iops-total": 2000})).unwrap(),
+        ),
+    );
+    let filters = [
+        json!({"driver": "raw", "node-name": "flt", "file": "disk"}),
+        json!({"driver": "throttle", "node-name": "flt", "throttle-group": "tg0", "file": "disk"}),
+        json!({"driver": "copy-on-read", "node-name": "flt", "file": "disk"}),
+    ];
+    for round in 0..6 {
+        blockdev_add(&mut g, &objects, &obj(filters[round % 3].clone()))
+            .await
+            .unwrap();
         g.insert_filter("flt", "disk").await.unwrap();
-        tokio::task::yield_now().await;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         g.remove_filter("flt").await.unwrap();
     }
+    let during = writes.load(std::sync::atomic::Ordering::Relaxed);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.await.unwrap();
+    assert!(
+        during > 50,
+        "the writer ran while filters moved ({during} writes)"
+    );
     let node: NodeRef = export.clone();
     let got = read(&node, 0, 8 << 20).await;
     assert!(
