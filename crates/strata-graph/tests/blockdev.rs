@@ -196,7 +196,7 @@ async fn a_filter_moves_in_and_out_under_a_concurrent_writer() {
                 buf.fill((i % 251) as u8 + 1);
                 export.write(off, buf, WriteFlags::default()).await.unwrap();
                 model.lock()[off as usize..off as usize + 4096].fill((i % 251) as u8 + 1);
-                if i % 50 == 0 {
+                if i.is_multiple_of(50) {
                     export.flush().await.unwrap();
                 }
             }
