@@ -13,14 +13,12 @@
 //! names the base, and the implicit nodes left without users are closed; a read-only base is
 //! reopened read-write for the job and put back afterwards.
 
-use std::any::Any;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 use serde_json::{Map, Value, json};
 use strata_core::{
-    BlockNode, BoxFuture as IoFuture, DebugEvent, Extent, IoBuf, NodeRef, Prealloc, WriteFlags,
-    ZeroFlags,
+    BlockNode, BoxFuture as IoFuture, IoBuf, NodeRef, Prealloc, WriteFlags, ZeroFlags,
 };
 use strata_graph::{
     EdgeId, EdgePerms, Graph, Link, NodeKind, Perm, PermSpec, Use, User, block_status_above,
@@ -30,12 +28,14 @@ use strata_job::{
     OnError,
 };
 
-use crate::env::{BlockJobEnv, CmdError, SharedGraph, generic};
-use crate::stream::{
-    arg_bool, arg_on_error, arg_speed, arg_str, backing_format, chain_contains, chain_from,
-    failure_text, filename_of, find_backing_image, not_found, register_filter, release_pins,
-    restore_ro, write_backing_header,
+use crate::chain::{
+    OnStepError, arg_bool, arg_on_error, arg_speed, arg_str, backing_format, chain_contains,
+    chain_from, copy_loop, drop_unused_implicit, failure_text, filename_of, find_backing_image,
+    freeze_links, node_ref, not_found, pin, register_filter, release_pins, restore_ro, unfreeze,
+    write_backing_header,
 };
+use crate::env::{BlockJobEnv, CmdError, SharedGraph, generic};
+use strata_graph::forward_to_child;
 
 /// The commit job's buffer: the most one iteration copies (QEMU's `COMMIT_BUFFER_SIZE`).
 pub const COMMIT_BUFFER_SIZE: u64 = 512 * 1024;
@@ -59,57 +59,15 @@ impl BlockNode for CommitTopNode {
     fn driver(&self) -> &'static str {
         "commit_top"
     }
-    fn filename(&self) -> String {
-        self.file.filename()
-    }
-    fn size(&self) -> u64 {
-        self.file.size()
-    }
-    fn read_only(&self) -> bool {
-        self.file.read_only()
-    }
-    fn request_alignment(&self) -> u64 {
-        self.file.request_alignment()
-    }
-    fn read(&self, offset: u64, buf: IoBuf) -> IoFuture<'_, IoBuf> {
-        self.file.read(offset, buf)
-    }
-    fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> IoFuture<'_, IoBuf> {
-        self.file.write(offset, buf, flags)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_, ()> {
-        self.file.write_zeroes(offset, len, flags)
-    }
-    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
-        self.file.discard(offset, len)
-    }
-    fn flush(&self) -> IoFuture<'_, ()> {
-        self.file.flush()
-    }
-    fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, Extent> {
-        self.file.block_status(offset, len)
-    }
-    fn truncate(&self, size: u64, prealloc: Prealloc) -> IoFuture<'_, ()> {
-        self.file.truncate(size, prealloc)
-    }
-    fn backing(&self) -> Option<NodeRef> {
-        self.file.backing()
-    }
-    fn file(&self) -> Option<NodeRef> {
-        Some(self.file.clone())
-    }
-    fn debug_event(&self, event: DebugEvent) {
-        self.file.debug_event(event);
-    }
-    fn allocated_size(&self) -> IoFuture<'_, Option<u64>> {
-        self.file.allocated_size()
-    }
+
+    forward_to_child!(file =>
+        filename, size, read_only, request_alignment, read, write, write_zeroes, discard, flush,
+        block_status, truncate, backing, file, debug_event, allocated_size, as_any,
+    );
+
     // The filter owns nothing: closing it leaves `top` to the graph.
     fn close(&self) -> IoFuture<'_, ()> {
         Box::pin(async { Ok(()) })
-    }
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }
 
@@ -219,31 +177,20 @@ impl JobDriver for CommitJob {
                     .await
                     .map_err(|e| JobFailure::new(failure_text(e.kind().errno())))?;
             }
-            let mut offset = 0;
-            let mut copied = 0;
-            while offset < len {
-                ctx.rate_limit(copied).await;
-                copied = 0;
-                if ctx.is_cancelled() {
-                    return Err(JobFailure::canceled());
-                }
-                match self.step(offset, len).await {
-                    Ok((n, copy)) => {
-                        ctx.progress_update(n);
-                        if copy {
-                            copied = n;
-                        }
-                        offset += n;
+            copy_loop(
+                &ctx,
+                len,
+                |offset| self.step(offset, len),
+                |e: StepError, _| {
+                    // `stop` pauses and `ignore` moves on; both retry this range.
+                    if ctx.handle_error(self.on_error, e.op, e.errno) == ErrorAction::Report {
+                        OnStepError::Fail(JobFailure::new(failure_text(e.errno)))
+                    } else {
+                        OnStepError::Retry
                     }
-                    Err(e) => {
-                        // `stop` pauses and `ignore` moves on; both retry this range.
-                        if ctx.handle_error(self.on_error, e.op, e.errno) == ErrorAction::Report {
-                            return Err(JobFailure::new(failure_text(e.errno)));
-                        }
-                    }
-                }
-            }
-            Ok(())
+                },
+            )
+            .await
         })
     }
 
@@ -252,9 +199,7 @@ impl JobDriver for CommitJob {
             let mut g = self.graph.lock().await;
             let (filter, base_backend) = {
                 let mut held = self.held.lock();
-                for id in held.frozen.drain(..) {
-                    g.set_frozen(id, false);
-                }
+                unfreeze(&mut g, &mut held.frozen);
                 (held.filter.clone(), held.base_backend.take())
             };
             if let Some(b) = base_backend {
@@ -289,7 +234,7 @@ impl JobDriver for CommitJob {
             }
             self.held.lock().filter = None;
             g.remove_node(&filter).await?;
-            crate::stream::drop_unused_implicit(&mut g, &self.intermediates).await;
+            drop_unused_implicit(&mut g, &self.intermediates).await;
             self.held.lock().done = true;
             Ok(())
         })
@@ -421,8 +366,8 @@ pub async fn block_commit(env: &BlockJobEnv, args: &Map<String, Value>) -> Resul
         .position(|n| *n == base)
         .expect("base is below top");
     let intermediates: Vec<String> = chain[..base_idx].to_vec();
-    let top_ref: NodeRef = g.node(&top).expect("checked").node.clone();
-    let base_ref: NodeRef = g.node(&base).expect("checked").node.clone();
+    let top_ref = node_ref(&g, &top);
+    let base_ref = node_ref(&g, &base);
     let grow = base_ref.size() < top_ref.size();
     let restore_read_only = g.node(&base).is_some_and(|r| r.read_only);
 
@@ -494,26 +439,23 @@ async fn setup(
         kind: "commit",
         id: id.to_string(),
     };
-    let pin = |g: &mut Graph,
-               user: User,
-               node: &str,
-               role: &str,
-               p: PermSpec|
+    let hold = |g: &mut Graph,
+                user: User,
+                node: &str,
+                role: &str,
+                p: PermSpec|
      -> Result<EdgeId, CmdError> {
-        let e = g
-            .add_edge(user, node, role, EdgePerms::Fixed(p), None)
-            .map_err(generic)?;
+        let e = pin(g, user, node, role, p)?;
         job.held.lock().pins.push(e);
         Ok(e)
     };
-    pin(g, user.clone(), device, "main node", Use::JobMain.perms())?;
+    hold(g, user.clone(), device, "main node", Use::JobMain.perms())?;
     if let Some(n) = filter_name
         && g.node(n).is_some()
     {
         return Err(generic(format!("Duplicate nodes with node-name='{n}'")));
     }
-    let top_node: NodeRef = g.node(top).expect("checked").node.clone();
-    let link = Link::new(top_node);
+    let link = Link::new(node_ref(g, top));
     let filter_drv = Arc::new(CommitTopNode::new(link.clone()));
     let opts = json!({"driver": "commit_top", "file": top});
     // QEMU's commit_top takes nothing on `top` and shares everything.
@@ -538,24 +480,14 @@ async fn setup(
         } else {
             w
         };
-        pin(g, user.clone(), n, "intermediate node", p)?;
+        hold(g, user.clone(), n, "intermediate node", p)?;
     }
     // Freeze the links from the filter down to the base.
-    let mut cur = filter.clone();
     let mut below: Vec<String> = intermediates.to_vec();
     below.push(base.to_string());
-    for n in &below {
-        let found = g
-            .children_of(&cur)
-            .find(|e| &e.child == n && (e.role == "backing" || e.role == "file"))
-            .map(|e| e.id);
-        if let Some(eid) = found {
-            g.set_frozen(eid, true);
-            job.held.lock().frozen.push(eid);
-        }
-        cur = n.clone();
-    }
-    pin(g, user.clone(), base, "base", Use::JobTarget.perms())?;
+    let frozen = freeze_links(g, &filter, &below);
+    job.held.lock().frozen.extend(frozen);
+    hold(g, user.clone(), base, "base", Use::JobTarget.perms())?;
     let bb = if grow {
         Use::CommitBaseGrow
     } else {
@@ -571,6 +503,6 @@ async fn setup(
         )
         .map_err(generic)?;
     job.held.lock().base_backend = Some(e);
-    pin(g, User::Backend, top, "root", Use::JobMain.perms())?;
+    hold(g, User::Backend, top, "root", Use::JobMain.perms())?;
     Ok(())
 }

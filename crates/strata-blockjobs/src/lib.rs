@@ -8,6 +8,7 @@
 //! run in the job's task and never hold the graph lock across disk I/O.
 
 pub mod backup;
+mod chain;
 pub mod commit;
 pub mod create;
 pub mod env;

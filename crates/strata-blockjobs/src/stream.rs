@@ -14,209 +14,30 @@
 //! implicit nodes left without users are closed. Cancel and failure leave the chain as it
 //! was (data already copied stays in the top).
 
-use std::path::Path;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 use serde_json::{Map, Value, json};
-use strata_core::{BlockNode, NodeRef};
+use strata_core::NodeRef;
 use strata_graph::perm::EdgeKind;
 use strata_graph::{
-    CopyOnReadNode, EdgeId, EdgePerms, Graph, GraphNode, Link, NodeKind, NodeRec, Use, User,
-    block_status_above, driver_of,
+    CopyOnReadNode, EdgeId, EdgePerms, Graph, Link, NodeKind, Use, User, block_status_above,
 };
 use strata_job::{
     BoxFuture, ErrorAction, IoOperation, JobContext, JobDriver, JobFailure, JobOptions, JobType,
     OnError,
 };
-use strata_qcow2::Qcow2;
 
+use crate::chain::{
+    OnStepError, arg_bool, arg_on_error, arg_speed, arg_str, backing_format, chain_contains,
+    chain_from, copy_loop, drop_unused_implicit, failure_text, filename_of, find_backing_image,
+    freeze_links, node_ref, not_found, pin, register_filter, release_pins, restore_ro, unfreeze,
+    write_backing_header,
+};
 use crate::env::{BlockJobEnv, CmdError, SharedGraph, generic};
 
 /// How much one iteration of the copy loop looks at (QEMU's `STREAM_CHUNK`).
 pub const STREAM_CHUNK: u64 = 512 * 1024;
-
-// ---- argument helpers shared with commit -----------------------------------------------
-
-pub(crate) fn arg_str<'a>(args: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
-    args.get(key).and_then(Value::as_str)
-}
-
-pub(crate) fn arg_bool(args: &Map<String, Value>, key: &str, default: bool) -> bool {
-    args.get(key).and_then(Value::as_bool).unwrap_or(default)
-}
-
-pub(crate) fn arg_on_error(args: &Map<String, Value>) -> OnError {
-    args.get("on-error")
-        .and_then(|v| serde_json::from_value(v.clone()).ok())
-        .unwrap_or_default()
-}
-
-/// `speed`, which may be negative (refused after the job exists, as QEMU does).
-pub(crate) fn arg_speed(args: &Map<String, Value>) -> i64 {
-    args.get("speed").and_then(Value::as_i64).unwrap_or(0)
-}
-
-/// QEMU's text for a node name that names nothing.
-pub(crate) fn not_found(device: &str, node: &str) -> CmdError {
-    generic(format!(
-        "Cannot find device='{device}' nor node-name='{node}'"
-    ))
-}
-
-/// The chain from `name` down (inclusive), through filters and backing links.
-pub(crate) fn chain_from(g: &Graph, name: &str) -> Vec<String> {
-    let mut out = vec![name.to_string()];
-    let mut cur = name.to_string();
-    while let Some(next) = g.chain_below(&cur) {
-        if out.contains(&next) {
-            break;
-        }
-        out.push(next.clone());
-        cur = next;
-    }
-    out
-}
-
-/// Whether `node` is `top` or below it (QEMU `bdrv_chain_contains`).
-pub(crate) fn chain_contains(g: &Graph, top: &str, node: &str) -> bool {
-    chain_from(g, top).iter().any(|n| n == node)
-}
-
-/// The node's file name as QEMU shows it (the image's path).
-pub(crate) fn filename_of(g: &Graph, name: &str) -> String {
-    g.node(name).map(|r| r.node.filename()).unwrap_or_default()
-}
-
-fn canonical(p: &str) -> String {
-    std::fs::canonicalize(p).map_or_else(|_| p.to_string(), |c| c.to_string_lossy().into_owned())
-}
-
-/// QEMU `bdrv_find_backing_image`: the image below `top` whose file name is `name`, either
-/// as written or relative to the directory of the image above it.
-pub(crate) fn find_backing_image(g: &Graph, top: &str, name: &str) -> Option<String> {
-    let chain = chain_from(g, top);
-    for w in chain.windows(2) {
-        let (above, cand) = (&w[0], &w[1]);
-        let Some(rec) = g.node(cand) else { continue };
-        if rec.kind == NodeKind::Filter {
-            continue;
-        }
-        let fname = filename_of(g, cand);
-        if fname == name {
-            return Some(cand.clone());
-        }
-        let resolved = if Path::new(name).is_absolute() {
-            name.to_string()
-        } else {
-            let dir = Path::new(&filename_of(g, above))
-                .parent()
-                .map(Path::to_path_buf)
-                .unwrap_or_default();
-            dir.join(name).to_string_lossy().into_owned()
-        };
-        if canonical(&resolved) == canonical(&fname) {
-            return Some(cand.clone());
-        }
-    }
-    None
-}
-
-/// The backing format QEMU writes for `base`: its driver, or `raw` for a protocol node with
-/// `backing-mask-protocol`.
-pub(crate) fn backing_format(g: &Graph, base: &str, mask_protocol: bool) -> String {
-    let rec = g.node(base).expect("base exists");
-    if mask_protocol && rec.kind == NodeKind::Protocol {
-        "raw".into()
-    } else {
-        BlockNode::driver(&*rec.node).to_string()
-    }
-}
-
-/// Rewrite the backing file name and format in `node`'s header (qcow2 only; other drivers
-/// have no header to change).
-pub(crate) async fn write_backing_header(
-    node: &NodeRef,
-    file: Option<&str>,
-    format: Option<&str>,
-) -> Result<(), String> {
-    let d = driver_of(node);
-    match d.as_any().downcast_ref::<Qcow2>() {
-        Some(q) => q
-            .set_backing(file, format)
-            .await
-            .map_err(|e| format!("Could not change backing file: {e}")),
-        None => Ok(()),
-    }
-}
-
-/// The job failure text for an I/O error (QEMU reports strerror).
-pub(crate) fn failure_text(errno: i32) -> String {
-    strata_core::error::strerror(errno)
-}
-
-/// Remove the implicit nodes of `chain` that nobody uses any more (each takes its own
-/// unused implicit children with it).
-pub(crate) async fn drop_unused_implicit(g: &mut Graph, chain: &[String]) {
-    for n in chain {
-        let unused = g.parents_of(n).next().is_none();
-        let implicit = g.node(n).is_some_and(|r| !r.monitor_owned);
-        if unused && implicit {
-            let _ = g.remove_node(n).await;
-        }
-    }
-}
-
-/// Unfreeze the job's links and drop its pins.
-pub(crate) fn release_pins(g: &mut Graph, pins: &mut Vec<EdgeId>, frozen: &mut Vec<EdgeId>) {
-    for id in frozen.drain(..) {
-        g.set_frozen(id, false);
-    }
-    for id in pins.drain(..) {
-        g.remove_edge(id);
-    }
-}
-
-/// Register a job filter node over `below` (not yet inserted), its `file` edge taking
-/// `perms`.
-pub(crate) async fn register_filter(
-    g: &mut Graph,
-    name: Option<&str>,
-    driver: NodeRef,
-    below: &str,
-    below_link: Arc<Link>,
-    options: Value,
-    perms: EdgePerms,
-) -> Result<String, String> {
-    let (fname, auto) = match name {
-        Some(n) => (n.to_string(), false),
-        None => (g.auto_name(), true),
-    };
-    let mut opts = options;
-    if let Some(o) = opts.as_object_mut() {
-        o.insert("node-name".into(), json!(fname));
-    }
-    g.insert_node(NodeRec {
-        name: fname.clone(),
-        auto_named: auto,
-        node: GraphNode::new(&fname, driver),
-        kind: NodeKind::Filter,
-        options: opts,
-        read_only: false,
-        monitor_owned: false,
-    })?;
-    if let Err(e) = g.add_edge(
-        User::Node(fname.clone()),
-        below,
-        "file",
-        perms,
-        Some(below_link),
-    ) {
-        let _ = g.remove_node(&fname).await;
-        return Err(e);
-    }
-    Ok(fname)
-}
 
 // ---- the stream job --------------------------------------------------------------------
 
@@ -301,41 +122,20 @@ impl JobDriver for StreamJob {
             }
             let len = self.top.size();
             ctx.progress_set_total(len);
-            let mut offset = 0;
-            let mut copied = 0;
             let mut error: Option<String> = None;
-            while offset < len {
-                ctx.rate_limit(copied).await;
-                copied = 0;
-                if ctx.is_cancelled() {
-                    return Err(JobFailure::canceled());
-                }
-                match self.step(offset, len).await {
-                    Ok((n, copy)) => {
-                        ctx.progress_update(n);
-                        if copy {
-                            copied = n;
-                        }
-                        offset += n;
-                    }
-                    Err(e) => {
-                        let errno = e.kind().errno();
-                        match ctx.handle_error(self.on_error, IoOperation::Read, errno) {
-                            ErrorAction::Stop => continue,
-                            ErrorAction::Report => {
-                                return Err(JobFailure::new(failure_text(errno)));
-                            }
-                            ErrorAction::Ignore => {
-                                error.get_or_insert_with(|| failure_text(errno));
-                                // QEMU moves on over the range it looked at.
-                                let n = STREAM_CHUNK.min(len - offset);
-                                ctx.progress_update(n);
-                                offset += n;
-                            }
-                        }
+            let on_error = |e: strata_core::Error, offset: u64| {
+                let errno = e.kind().errno();
+                match ctx.handle_error(self.on_error, IoOperation::Read, errno) {
+                    ErrorAction::Stop => OnStepError::Retry,
+                    ErrorAction::Report => OnStepError::Fail(JobFailure::new(failure_text(errno))),
+                    ErrorAction::Ignore => {
+                        error.get_or_insert_with(|| failure_text(errno));
+                        // QEMU moves on over the range it looked at.
+                        OnStepError::Skip(STREAM_CHUNK.min(len - offset))
                     }
                 }
-            }
+            };
+            copy_loop(&ctx, len, |offset| self.step(offset, len), on_error).await?;
             match error {
                 Some(e) => Err(JobFailure::new(e)),
                 None => Ok(()),
@@ -347,12 +147,7 @@ impl JobDriver for StreamJob {
         Box::pin(async move {
             let mut g = self.graph.lock().await;
             // Drop the filter (it holds the chain), then relink.
-            {
-                let mut held = self.held.lock();
-                for id in held.frozen.drain(..) {
-                    g.set_frozen(id, false);
-                }
-            }
+            unfreeze(&mut g, &mut self.held.lock().frozen);
             let filter = self.held.lock().filter.clone();
             let pins: Vec<EdgeId> = std::mem::take(&mut self.held.lock().pins);
             for id in &pins {
@@ -506,13 +301,13 @@ pub async fn block_stream(env: &BlockJobEnv, args: &Map<String, Value>) -> Resul
     }
 
     // The copy-on-read filter.
-    let dev_node: NodeRef = g.node(device).expect("checked").node.clone();
+    let dev_node = node_ref(&g, device);
     let link = Link::new(dev_node.clone());
     let link_ref: NodeRef = link.clone();
     let bottom_ref: NodeRef = if bottom_name == device {
         link_ref.clone()
     } else {
-        g.node(&bottom_name).expect("in chain").node.clone()
+        node_ref(&g, &bottom_name)
     };
     let cor = Arc::new(CopyOnReadNode::new(link_ref, Some(bottom_ref)));
     let opts = json!({"driver": "copy-on-read", "file": device, "bottom": bottom_name});
@@ -547,9 +342,7 @@ pub async fn block_stream(env: &BlockJobEnv, args: &Map<String, Value>) -> Resul
         return Err(generic(e));
     }
 
-    let base_node_ref = new_base
-        .as_ref()
-        .map(|b| g.node(b).expect("in chain").node.clone() as NodeRef);
+    let base_node_ref = new_base.as_ref().map(|b| node_ref(&g, b));
     let job = Arc::new(StreamJob {
         graph: env.graph.clone(),
         device: device.to_string(),
@@ -600,13 +393,6 @@ pub async fn block_stream(env: &BlockJobEnv, args: &Map<String, Value>) -> Resul
     Ok(())
 }
 
-/// Put a node that was reopened read-write for a job back to read-only.
-pub(crate) async fn restore_ro(g: &mut Graph, name: &str, was_read_only: bool) {
-    if was_read_only && g.node(name).is_some() {
-        let _ = strata_graph::blockdev::reopen(g, name, true).await;
-    }
-}
-
 fn setup_pins(
     g: &mut Graph,
     job: &StreamJob,
@@ -624,9 +410,7 @@ fn setup_pins(
         id: id.to_string(),
     };
     let add = |g: &mut Graph, user: User, node: &str, role: &str, u: Use| -> Result<(), CmdError> {
-        let e = g
-            .add_edge(user, node, role, EdgePerms::Fixed(u.perms()), None)
-            .map_err(generic)?;
+        let e = pin(g, user, node, role, u.perms())?;
         job.held.lock().pins.push(e);
         Ok(())
     };
@@ -643,17 +427,7 @@ fn setup_pins(
         )?;
     }
     // Freeze the backing links the job depends on.
-    let mut cur = device.to_string();
-    for n in intermediates {
-        let found = g
-            .children_of(&cur)
-            .find(|e| &e.child == n && (e.role == "backing" || e.role == "file"))
-            .map(|e| e.id);
-        if let Some(id) = found {
-            g.set_frozen(id, true);
-            job.held.lock().frozen.push(id);
-        }
-        cur = n.clone();
-    }
+    let frozen = freeze_links(g, device, intermediates);
+    job.held.lock().frozen.extend(frozen);
     Ok(())
 }

@@ -27,15 +27,15 @@ struct Chain {
 
 async fn chain() -> Chain {
     let dir = tempfile::tempdir().unwrap();
-    let b = image(dir.path(), "base.qcow2", SIZE, None, &["write -P 1 0 4M"]);
-    let m = image(
+    let b = qcow2_image(dir.path(), "base.qcow2", SIZE, None, &["write -P 1 0 4M"]);
+    let m = qcow2_image(
         dir.path(),
         "mid.qcow2",
         SIZE,
         Some(&b),
         &["write -P 2 1M 1M"],
     );
-    let t = image(
+    let t = qcow2_image(
         dir.path(),
         "top.qcow2",
         SIZE,
@@ -88,16 +88,7 @@ fn completed() -> Vec<String> {
 }
 
 async fn close(c: &Chain) {
-    let mut g = c.h.env.graph.lock().await;
-    let ids: Vec<_> = g
-        .edges()
-        .iter()
-        .filter(|e| e.user == strata_graph::User::Backend)
-        .map(|e| e.id)
-        .collect();
-    for id in ids {
-        g.remove_edge(id);
-    }
+    let mut g = c.h.drop_backends().await;
     g.remove_node("top").await.unwrap();
     assert!(g.node_names().is_empty(), "{:?}", g.node_names());
     drop(g);

@@ -57,8 +57,8 @@ fn spawn_writer(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_backup_is_the_point_in_time_under_writes() {
     let dir = tempfile::tempdir().unwrap();
-    let src = qcow2(dir.path(), "src.qcow2", 16 * MIB, FILL);
-    let tgt = qcow2(dir.path(), "tgt.qcow2", 16 * MIB, &[]);
+    let src = qcow2_image(dir.path(), "src.qcow2", 16 * MIB, None, FILL);
+    let tgt = qcow2_image(dir.path(), "tgt.qcow2", 16 * MIB, None, &[]);
     let e = Env::new();
     e.add_qcow2("src", &src).await;
     e.add_qcow2("tgt", &tgt).await;
@@ -108,9 +108,9 @@ async fn full_backup_is_the_point_in_time_under_writes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_backups_of_one_node_run_together() {
     let dir = tempfile::tempdir().unwrap();
-    let src = qcow2(dir.path(), "src.qcow2", 16 * MIB, FILL);
-    let t1 = qcow2(dir.path(), "t1.qcow2", 16 * MIB, &[]);
-    let t2 = qcow2(dir.path(), "t2.qcow2", 16 * MIB, &[]);
+    let src = qcow2_image(dir.path(), "src.qcow2", 16 * MIB, None, FILL);
+    let t1 = qcow2_image(dir.path(), "t1.qcow2", 16 * MIB, None, &[]);
+    let t2 = qcow2_image(dir.path(), "t2.qcow2", 16 * MIB, None, &[]);
     let e = Env::new();
     e.add_qcow2("src", &src).await;
     e.add_qcow2("t1", &t1).await;
@@ -157,9 +157,9 @@ fn granules(ranges: &[(u64, u64)], size: u64) -> DirtyBitmap {
 async fn incremental_backup_chain_and_bitmap_protocol() {
     let dir = tempfile::tempdir().unwrap();
     let size = 16 * MIB;
-    let src = qcow2(dir.path(), "src.qcow2", size, FILL);
-    let full = qcow2(dir.path(), "full.qcow2", size, &[]);
-    let inc = qcow2(dir.path(), "inc.qcow2", size, &[]);
+    let src = qcow2_image(dir.path(), "src.qcow2", size, None, FILL);
+    let full = qcow2_image(dir.path(), "full.qcow2", size, None, &[]);
+    let inc = qcow2_image(dir.path(), "inc.qcow2", size, None, &[]);
     let e = Env::new();
     e.add_qcow2("src", &src).await;
     e.add_qcow2("full", &full).await;
@@ -251,7 +251,7 @@ async fn incremental_backup_chain_and_bitmap_protocol() {
 
     e.del("full").await;
     e.del("inc").await;
-    run(
+    run_stdout(
         "qemu-img",
         &[
             "rebase",
@@ -272,7 +272,7 @@ async fn incremental_backup_chain_and_bitmap_protocol() {
 async fn always_mode_keeps_uncopied_bits_on_failure_and_never_keeps_all() {
     let size = 4 * MIB;
     let dir = tempfile::tempdir().unwrap();
-    let src = qcow2(dir.path(), "src.qcow2", size, &["write -P 1 0 4M"]);
+    let src = qcow2_image(dir.path(), "src.qcow2", size, None, &["write -P 1 0 4M"]);
     let e = Env::new();
     e.add_qcow2("src", &src).await;
     add_failing(&e, "bad", size).await;
@@ -301,9 +301,9 @@ async fn always_mode_keeps_uncopied_bits_on_failure_and_never_keeps_all() {
 async fn grouped_transaction_aborts_together_and_sync_none_runs_until_cancelled() {
     let size = 4 * MIB;
     let dir = tempfile::tempdir().unwrap();
-    let src = qcow2(dir.path(), "src.qcow2", size, &["write -P 1 0 4M"]);
-    let t = qcow2(dir.path(), "t.qcow2", size, &[]);
-    let n = qcow2(dir.path(), "n.qcow2", size, &[]);
+    let src = qcow2_image(dir.path(), "src.qcow2", size, None, &["write -P 1 0 4M"]);
+    let t = qcow2_image(dir.path(), "t.qcow2", size, None, &[]);
+    let n = qcow2_image(dir.path(), "n.qcow2", size, None, &[]);
     let e = Env::new();
     e.add_qcow2("src", &src).await;
     e.add_qcow2("t", &t).await;
@@ -374,7 +374,7 @@ async fn grouped_transaction_aborts_together_and_sync_none_runs_until_cancelled(
     assert_eq!(c.1["offset"], json!(65536));
     e.del("n").await;
     let old = vec![1u8; 65536];
-    let got = run(
+    let got = run_stdout(
         "qemu-io",
         &["-f", "qcow2", "-c", "read -P 1 0 64k", n.to_str().unwrap()],
     );
@@ -385,8 +385,8 @@ async fn grouped_transaction_aborts_together_and_sync_none_runs_until_cancelled(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn argument_errors_have_qemus_texts_in_qemus_order() {
     let dir = tempfile::tempdir().unwrap();
-    let src = qcow2(dir.path(), "src.qcow2", 64 * MIB, &[]);
-    let tgt = qcow2(dir.path(), "tgt.qcow2", 64 * MIB, &[]);
+    let src = qcow2_image(dir.path(), "src.qcow2", 64 * MIB, None, &[]);
+    let tgt = qcow2_image(dir.path(), "tgt.qcow2", 64 * MIB, None, &[]);
     let e = Env::new();
     e.add_qcow2("src", &src).await;
     e.add_qcow2("tgt", &tgt).await;
@@ -527,8 +527,14 @@ fn wire(ev: &[(String, Value)]) -> String {
 async fn event_sequences_match_qemu_storage_daemon() {
     for (cancel, want) in [(false, QSD_SUCCESS), (true, QSD_CANCEL)] {
         let dir = tempfile::tempdir().unwrap();
-        let src = qcow2(dir.path(), "src.qcow2", 64 * MIB, &["write -P 0x11 0 32M"]);
-        let tgt = qcow2(dir.path(), "tgt.qcow2", 64 * MIB, &[]);
+        let src = qcow2_image(
+            dir.path(),
+            "src.qcow2",
+            64 * MIB,
+            None,
+            &["write -P 0x11 0 32M"],
+        );
+        let tgt = qcow2_image(dir.path(), "tgt.qcow2", 64 * MIB, None, &[]);
         let e = Env::new();
         e.add_qcow2("src", &src).await;
         e.add_qcow2("tgt", &tgt).await;
@@ -546,7 +552,7 @@ async fn event_sequences_match_qemu_storage_daemon() {
         if !cancel {
             e.del("tgt").await;
             e.del("src").await;
-            run(
+            run_stdout(
                 "qemu-img",
                 &["compare", src.to_str().unwrap(), tgt.to_str().unwrap()],
             );
@@ -558,23 +564,15 @@ async fn event_sequences_match_qemu_storage_daemon() {
 async fn compressed_and_top_backups() {
     let dir = tempfile::tempdir().unwrap();
     let size = 8 * MIB;
-    let base = qcow2(dir.path(), "base.qcow2", size, &["write -P 0x55 0 8M"]);
-    let top = dir.path().join("top.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            base.to_str().unwrap(),
-            "-F",
-            "qcow2",
-            top.to_str().unwrap(),
-        ],
+    let base = qcow2_image(
+        dir.path(),
+        "base.qcow2",
+        size,
+        None,
+        &["write -P 0x55 0 8M"],
     );
-    run(
+    let top = qcow2_overlay(dir.path(), "top.qcow2", &base);
+    run_stdout(
         "qemu-io",
         &[
             "-f",
@@ -586,23 +584,9 @@ async fn compressed_and_top_backups() {
             top.to_str().unwrap(),
         ],
     );
-    let comp = qcow2(dir.path(), "comp.qcow2", size, &[]);
+    let comp = qcow2_image(dir.path(), "comp.qcow2", size, None, &[]);
     // The top backup's target shares the source's backing file.
-    let tgt_top = dir.path().join("tt.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            base.to_str().unwrap(),
-            "-F",
-            "qcow2",
-            tgt_top.to_str().unwrap(),
-        ],
-    );
+    let tgt_top = qcow2_overlay(dir.path(), "tt.qcow2", &base);
     let e = Env::new();
     e.add_qcow2("top", &top).await;
     e.add_qcow2("comp", &comp).await;
@@ -633,21 +617,21 @@ async fn compressed_and_top_backups() {
     e.del("comp").await;
     e.del("tt").await;
     e.del("top").await;
-    run(
+    run_stdout(
         "qemu-img",
         &["compare", top.to_str().unwrap(), comp.to_str().unwrap()],
     );
-    run("qemu-img", &["check", "-q", comp.to_str().unwrap()]);
-    let map = run(
+    run_stdout("qemu-img", &["check", "-q", comp.to_str().unwrap()]);
+    let map = run_stdout(
         "qemu-img",
         &["map", "--output=json", comp.to_str().unwrap()],
     );
     assert!(map.contains("\"compressed\": true"), "{map}");
-    run(
+    run_stdout(
         "qemu-img",
         &["compare", top.to_str().unwrap(), tgt_top.to_str().unwrap()],
     );
-    let info = run(
+    let info = run_stdout(
         "qemu-img",
         &["map", "--output=json", tgt_top.to_str().unwrap()],
     );

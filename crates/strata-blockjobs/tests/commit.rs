@@ -139,18 +139,7 @@ async fn manual_finalize() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_arguments_answer_with_qemus_texts() {
     let w = World::new(three(), true).await;
-    let lone = w.dir.path().join("lone.qcow2");
-    run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", &lone.to_string_lossy(), "4M"],
-    );
-    {
-        let mut g = w.env.graph.lock().await;
-        let o = json!({"driver": "qcow2", "node-name": "lone", "file": {"driver": "file", "filename": lone}});
-        strata_graph::blockdev::blockdev_add(&mut g, &Default::default(), o.as_object().unwrap())
-            .await
-            .unwrap();
-    }
+    w.add_lone_image().await;
     let mid = w.path_str("mid");
     // Recorded from qemu-storage-daemon 10.0.2; the last column: created/null emitted.
     let cases: Vec<(serde_json::Value, &str, &str, bool)> = vec![

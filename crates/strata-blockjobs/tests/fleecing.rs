@@ -20,22 +20,8 @@ const FILL: &[&str] = &[
 
 async fn setup(e: &Env, dir: &std::path::Path, cbw_extra: serde_json::Value) -> Vec<u8> {
     let size = 16 * MIB;
-    let src = qcow2(dir, "src.qcow2", size, FILL);
-    let tmp = dir.join("tmp.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            src.to_str().unwrap(),
-            "-F",
-            "qcow2",
-            tmp.to_str().unwrap(),
-        ],
-    );
+    let src = qcow2_image(dir, "src.qcow2", size, None, FILL);
+    let tmp = qcow2_overlay(dir, "tmp.qcow2", &src);
     e.add_qcow2("src", &src).await;
     let snapshot = read_all(&*e.node("src").await).await;
     e.add(
@@ -107,11 +93,11 @@ async fn snapshot_access_shows_the_point_in_time_while_guests_write() {
 async fn cbw_bitmap_limits_the_view_and_the_copies() {
     let dir = tempfile::tempdir().unwrap();
     let e = Env::new();
-    let src = qcow2(dir.path(), "pre.qcow2", MIB, &[]);
+    let src = qcow2_image(dir.path(), "pre.qcow2", MIB, None, &[]);
     e.add_qcow2("pre", &src).await;
     // A bitmap on the source decides what the snapshot covers: [1M, 3M).
     let size = 16 * MIB;
-    let s = qcow2(dir.path(), "src0.qcow2", size, FILL);
+    let s = qcow2_image(dir.path(), "src0.qcow2", size, None, FILL);
     e.add_qcow2("s0", &s).await;
     let bm = e.node("s0").await.bitmaps();
     bm.add("fl", 65536, false, false).unwrap();
@@ -119,7 +105,7 @@ async fn cbw_bitmap_limits_the_view_and_the_copies() {
     b.set_range(MIB, 2 * MIB);
     bm.merge("fl", &[&b]).unwrap();
     let tmp = dir.path().join("tmp0.qcow2");
-    run(
+    run_stdout(
         "qemu-img",
         &[
             "create",
@@ -187,7 +173,7 @@ async fn on_cbw_error_breaks_the_guest_write_or_the_snapshot() {
     let dir = tempfile::tempdir().unwrap();
     let e = Env::new();
     let size = 4 * MIB;
-    let s = qcow2(dir.path(), "s.qcow2", size, &["write -P 5 0 4M"]);
+    let s = qcow2_image(dir.path(), "s.qcow2", size, None, &["write -P 5 0 4M"]);
     e.add_qcow2("s", &s).await;
     for (mode, guest_ok) in [("break-guest-write", false), ("break-snapshot", true)] {
         let (c, a, t) = (

@@ -56,14 +56,14 @@ struct Setup {
 
 async fn setup(tgt_size: u64) -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    let src = image(
+    let src = qcow2_image(
         dir.path(),
         "s.qcow2",
         SIZE,
         None,
         &["write -P 1 0 4M", "write -P 2 8M 1M", "write -z 12M 1M"],
     );
-    let tgt = image(dir.path(), "t.qcow2", tgt_size, None, &[]);
+    let tgt = qcow2_image(dir.path(), "t.qcow2", tgt_size, None, &[]);
     let mut g = Graph::new();
     add_qcow2(&mut g, "src", &src).await;
     add_qcow2(&mut g, "tgt", &tgt).await;
@@ -82,16 +82,7 @@ fn args(v: Value) -> Map<String, Value> {
 }
 
 async fn close(st: &Setup) {
-    let mut g = st.h.env.graph.lock().await;
-    let ids: Vec<_> = g
-        .edges()
-        .iter()
-        .filter(|e| e.user == strata_graph::User::Backend)
-        .map(|e| e.id)
-        .collect();
-    for id in ids {
-        g.remove_edge(id);
-    }
+    let mut g = st.h.drop_backends().await;
     for n in ["src", "tgt"] {
         if g.node(n).is_some() && g.parents_of(n).next().is_none() {
             g.remove_node(n).await.unwrap();
@@ -470,8 +461,8 @@ fn dir_extra() -> Vec<(Value, &'static str)> {
 /// `{"driver": "blkdebug", "image": ..., "inject-error": [{"event": "pwritev", "iotype": "write", "once": true}]}`.
 async fn error_setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    let src = image(dir.path(), "s.qcow2", SIZE, None, &["write -P 1 0 4M"]);
-    let tgt = image(dir.path(), "t.qcow2", SIZE, None, &[]);
+    let src = qcow2_image(dir.path(), "s.qcow2", SIZE, None, &["write -P 1 0 4M"]);
+    let tgt = qcow2_image(dir.path(), "t.qcow2", SIZE, None, &[]);
     let mut g = Graph::new();
     add_qcow2(&mut g, "src", &src).await;
     add_qcow2(&mut g, "tq", &tgt).await;

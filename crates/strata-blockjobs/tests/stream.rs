@@ -235,18 +235,7 @@ async fn pause_resume_and_manual_finalize() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_arguments_answer_with_qemus_texts() {
     let w = World::new(three(), true).await;
-    let lone = w.dir.path().join("lone.qcow2");
-    run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", &lone.to_string_lossy(), "4M"],
-    );
-    {
-        let mut g = w.env.graph.lock().await;
-        let o = json!({"driver": "qcow2", "node-name": "lone", "file": {"driver": "file", "filename": lone}});
-        strata_graph::blockdev::blockdev_add(&mut g, &Default::default(), o.as_object().unwrap())
-            .await
-            .unwrap();
-    }
+    w.add_lone_image().await;
     // Recorded from qemu-storage-daemon 10.0.2 (all GenericError); the last column: whether
     // qsd emitted created/null.
     let cases: Vec<(serde_json::Value, &str, bool)> = vec![

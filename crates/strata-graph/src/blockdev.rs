@@ -106,6 +106,28 @@ pub async fn blockdev_add(
     }
 }
 
+/// Open a node for a command's own use (QEMU's `bdrv_open` from `drive-backup` /
+/// `drive-mirror`): like [`blockdev_add`], but without `node-name` the node gets an
+/// automatic name, and it is not owned by the monitor.
+pub async fn open_node(
+    graph: &mut Graph,
+    objects: &Objects,
+    opts: &Map<String, Value>,
+) -> Result<String, String> {
+    let mut op = Opening {
+        graph,
+        objects,
+        created: Vec::new(),
+    };
+    match op.open(opts, None, 0).await {
+        Ok(name) => Ok(name),
+        Err(e) => {
+            op.undo().await;
+            Err(e)
+        }
+    }
+}
+
 impl Opening<'_> {
     async fn undo(&mut self) {
         while let Some(name) = self.created.pop() {
@@ -249,7 +271,11 @@ impl Opening<'_> {
                 // Backing: explicit node or options, `null` for none, else the header's.
                 let backing = match opts.get("backing") {
                     Some(Value::Null) => None,
-                    Some(r) => Some(self.child(r, Some(true), depth + 1).await?),
+                    Some(r) => Some(
+                        self.child(r, Some(true), depth + 1)
+                            .await
+                            .map_err(|e| format!("Could not open backing file: {e}"))?,
+                    ),
                     None => match &header.backing_file {
                         Some(b) => Some(
                             self.backing_from_header(
@@ -286,6 +312,13 @@ impl Opening<'_> {
                     links.insert("data-file", l);
                 }
                 if let (Some(b), Some(l)) = (backing, backing_link) {
+                    if !opts.contains_key("backing") {
+                        // Opened from the header: QEMU's "implicit backing" (filenames).
+                        recorded.insert(
+                            crate::filename::BACKING_FROM_HEADER.into(),
+                            json!(header.backing_file),
+                        );
+                    }
                     recorded.insert("backing".into(), json!(b));
                     children.push(("backing", b, EdgeKind::Cow));
                     links.insert("backing", l);
@@ -580,14 +613,20 @@ async fn reopen_one(graph: &mut Graph, name: &str, read_only: bool) -> Result<()
             };
             let (file, backing, data) = (link("file"), link("backing"), link("data-file"));
             let file = file.ok_or("qcow2 node without file")?;
+            let bitmaps = old.dirty_bitmaps();
             old.close().await.map_err(|e| e.to_string())?;
             let qo = strata_qcow2::OpenOptions {
                 read_only,
                 ..Default::default()
             };
-            Qcow2::open(file, &qo, backing, data)
+            let q = Qcow2::open(file, &qo, backing, data)
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            // Bitmaps the image did not store live on in the reopened instance.
+            if let Some(b) = bitmaps {
+                q.adopt_bitmaps(&b);
+            }
+            q
         }
         // Nodes without state of their own follow their child's mode.
         _ => {

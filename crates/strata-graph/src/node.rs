@@ -5,6 +5,7 @@
 
 use std::any::Any;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use strata_core::bitmap::BitmapSet;
@@ -24,6 +25,24 @@ pub struct GraphNode {
     stats: IoStats,
     /// Bitmaps for drivers without a registry of their own (qcow2 keeps and persists its).
     own_bitmaps: Arc<BitmapSet>,
+    /// `block-set-write-threshold` (0 = none) and who hears of the first write past it.
+    write_threshold: AtomicU64,
+    threshold_cb: parking_lot::Mutex<ThresholdHook>,
+    /// `blockdev-set-active`: an inactive node refuses writes.
+    inactive: AtomicBool,
+}
+
+/// Called once when a write ends past the threshold: (node name, bytes past it, threshold).
+pub type ThresholdCallback = Arc<dyn Fn(&str, u64, u64) + Send + Sync>;
+
+/// The armed callback (a newtype for `Debug`).
+#[derive(Default)]
+struct ThresholdHook(Option<ThresholdCallback>);
+
+impl std::fmt::Debug for ThresholdHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "armed" } else { "none" })
+    }
 }
 
 impl GraphNode {
@@ -35,7 +54,59 @@ impl GraphNode {
             driver: Link::new(driver),
             stats: IoStats::default(),
             own_bitmaps,
+            write_threshold: AtomicU64::new(0),
+            threshold_cb: parking_lot::Mutex::new(ThresholdHook(None)),
+            inactive: AtomicBool::new(false),
         })
+    }
+
+    /// Arm (or with 0, disarm) the write threshold.
+    pub fn set_write_threshold(&self, offset: u64, cb: Option<ThresholdCallback>) {
+        *self.threshold_cb.lock() = ThresholdHook(cb);
+        self.write_threshold.store(offset, Ordering::SeqCst);
+    }
+
+    /// The armed write threshold (0 = none).
+    pub fn write_threshold(&self) -> u64 {
+        self.write_threshold.load(Ordering::SeqCst)
+    }
+
+    /// Mark the node active or inactive.
+    pub fn set_active(&self, active: bool) {
+        self.inactive.store(!active, Ordering::SeqCst);
+    }
+
+    /// Whether the node is active.
+    pub fn is_active(&self) -> bool {
+        !self.inactive.load(Ordering::SeqCst)
+    }
+
+    /// Before a write of `[offset, offset + len)`: refuse it on an inactive node, and fire
+    /// the one-shot threshold (QEMU's `bdrv_write_threshold_check_write`).
+    fn pre_write(&self, offset: u64, len: u64) -> Result<()> {
+        if !self.is_active() {
+            return Err(strata_core::Error::from_errno(
+                libc::EPERM,
+                "Operation not permitted",
+            ));
+        }
+        let end = offset + len;
+        loop {
+            let wtr = self.write_threshold.load(Ordering::SeqCst);
+            if wtr == 0 || wtr >= end {
+                return Ok(());
+            }
+            if self
+                .write_threshold
+                .compare_exchange(wtr, 0, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                if let Some(cb) = self.threshold_cb.lock().0.take() {
+                    cb(&self.name, end - wtr, wtr);
+                }
+                return Ok(());
+            }
+        }
     }
 
     /// The node name.
@@ -121,6 +192,9 @@ impl BlockNode for GraphNode {
 
     fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BoxFuture<'_, IoBuf> {
         let n = buf.len() as u64;
+        if let Err(e) = self.pre_write(offset, n) {
+            return Box::pin(async move { Err(e) });
+        }
         self.mark(offset, n);
         accounted!(
             self,
@@ -132,6 +206,9 @@ impl BlockNode for GraphNode {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BoxFuture<'_, ()> {
+        if let Err(e) = self.pre_write(offset, len) {
+            return Box::pin(async move { Err(e) });
+        }
         self.mark(offset, len);
         accounted!(
             self,

@@ -2,7 +2,6 @@
 //! qemu-storage-daemon 10.0.2 gives them, reopen, and filters moved in and out under I/O.
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 
 use serde_json::{Value, json};
@@ -10,23 +9,7 @@ use strata_core::{BlockNode, IoBuf, NodeRef, WriteFlags};
 use strata_graph::blockdev::{Objects, blockdev_add, blockdev_del, reopen};
 use strata_graph::drivers::throttle::{ThrottleGroup, ThrottleLimits};
 use strata_graph::{EdgePerms, Graph, Link, Use, User};
-
-fn qemu_img(args: &[&str]) {
-    let st = Command::new("qemu-img")
-        .args(args)
-        .status()
-        .expect("qemu-img is installed");
-    assert!(st.success(), "qemu-img {args:?}");
-}
-
-fn qemu_io(img: &str, cmd: &str) {
-    let st = Command::new("qemu-io")
-        .args(["-f", "qcow2", img, "-c", cmd])
-        .stdout(std::process::Stdio::null())
-        .status()
-        .expect("qemu-io is installed");
-    assert!(st.success());
-}
+use strata_testkit::{MIB, qcow2_image, qcow2_overlay, qemu_img, qemu_io};
 
 fn obj(v: Value) -> serde_json::Map<String, Value> {
     v.as_object().unwrap().clone()
@@ -34,23 +17,11 @@ fn obj(v: Value) -> serde_json::Map<String, Value> {
 
 /// base (0x11 at 0) <- top (0x22 at 64k)
 fn chain(dir: &Path) -> (String, String) {
-    let base = dir.join("base.qcow2").display().to_string();
-    let top = dir.join("top.qcow2").display().to_string();
-    qemu_img(&["create", "-q", "-f", "qcow2", &base, "4M"]);
-    qemu_io(&base, "write -P 0x11 0 64k");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        &top,
-    ]);
+    let base = qcow2_image(dir, "base.qcow2", 4 * MIB, None, &["write -P 0x11 0 64k"]);
+    // A relative backing name, as QEMU records it.
+    let top = qcow2_overlay(dir, "top.qcow2", Path::new("base.qcow2"));
     qemu_io(&top, "write -P 0x22 64k 64k");
-    (base, top)
+    (base.display().to_string(), top.display().to_string())
 }
 
 async fn read(node: &NodeRef, off: u64, len: usize) -> Vec<u8> {

@@ -3,10 +3,7 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
 
 use common::*;
 use strata_core::mem::MemNode;
@@ -299,31 +296,6 @@ async fn nbdinfo_list_map_and_qemu_contexts() {
     server.stop().await;
 }
 
-struct QemuNbd(Child);
-
-impl Drop for QemuNbd {
-    fn drop(&mut self) {
-        // SIGTERM so qemu-nbd closes the image cleanly; then reap it.
-        let pid = self.0.id() as libc::pid_t;
-        // SAFETY: signalling our own child process.
-        unsafe {
-            libc::kill(pid, libc::SIGTERM);
-        }
-        let _ = self.0.wait();
-    }
-}
-
-fn start_qemu_nbd(sock: &Path, img: &Path) -> QemuNbd {
-    let child = Command::new("qemu-nbd")
-        .args(["-k", sock.to_str().unwrap(), "-f", "qcow2", "--persistent"])
-        .arg(img)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    QemuNbd(child)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn own_client_against_qemu_nbd() {
     if !have("qemu-nbd") || !have("qemu-img") || !have("qemu-io") {
@@ -349,13 +321,7 @@ async fn own_client_against_qemu_nbd() {
     .await;
     assert!(ok, "{err}");
     let sock = dir.path().join("qemu.sock");
-    let qnbd = start_qemu_nbd(&sock, &img);
-    for _ in 0..200 {
-        if sock.exists() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let qnbd = strata_testkit::qemu_nbd(&sock, "qcow2", &img, &[]);
     for (ext, want) in [
         (true, HeaderMode::Extended),
         (false, HeaderMode::Structured),

@@ -5,7 +5,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,121 +18,7 @@ use strata_nbd::{
     ClientOptions, Endpoint, ListenAddr, NbdAddr, NbdClient, NbdDriverFactory, NbdServer,
     ServerOptions, TlsCreds,
 };
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let o = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-/// Credentials directories: `server/`, `client/` (with a certificate) and `nocert/`
-/// (CA only), all under one CA.
-struct Pki {
-    server: PathBuf,
-    client: PathBuf,
-    nocert: PathBuf,
-}
-
-fn make_pki(root: &Path) -> Pki {
-    let work = root.join("pki");
-    std::fs::create_dir_all(&work).unwrap();
-    openssl(
-        &work,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca-key.pem",
-            "-out",
-            "ca-cert.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=Strata Test CA",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ],
-    );
-    for (name, cn, eku) in [
-        ("server", "localhost", "serverAuth"),
-        ("client", "client", "clientAuth"),
-    ] {
-        let ext = format!(
-            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
-             extendedKeyUsage={eku}\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n"
-        );
-        std::fs::write(work.join(format!("{name}.ext")), ext).unwrap();
-        openssl(
-            &work,
-            &[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                &format!("{name}-key.pem"),
-                "-out",
-                &format!("{name}.csr"),
-                "-subj",
-                &format!("/CN={cn}"),
-            ],
-        );
-        openssl(
-            &work,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{name}.csr"),
-                "-CA",
-                "ca-cert.pem",
-                "-CAkey",
-                "ca-key.pem",
-                "-CAcreateserial",
-                "-out",
-                &format!("{name}-cert.pem"),
-                "-days",
-                "2",
-                "-extfile",
-                &format!("{name}.ext"),
-            ],
-        );
-    }
-    let pki = Pki {
-        server: root.join("server"),
-        client: root.join("client"),
-        nocert: root.join("nocert"),
-    };
-    for (d, files) in [
-        (
-            &pki.server,
-            &["ca-cert.pem", "server-cert.pem", "server-key.pem"][..],
-        ),
-        (
-            &pki.client,
-            &["ca-cert.pem", "client-cert.pem", "client-key.pem"][..],
-        ),
-        (&pki.nocert, &["ca-cert.pem"][..]),
-    ] {
-        std::fs::create_dir_all(d).unwrap();
-        for f in files {
-            std::fs::copy(work.join(f), d.join(f)).unwrap();
-        }
-    }
-    pki
-}
+use strata_testkit::make_pki;
 
 #[cfg(feature = "tls-psk")]
 fn psk_dir(root: &Path) -> PathBuf {
@@ -442,18 +327,6 @@ async fn qemu_tools_against_our_tls_server() {
     }
 }
 
-struct QemuNbd(Child);
-
-impl Drop for QemuNbd {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child process.
-        unsafe {
-            libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM);
-        }
-        let _ = self.0.wait();
-    }
-}
-
 async fn wait_for(sock: &Path) {
     for _ in 0..200 {
         if sock.exists() {
@@ -500,21 +373,12 @@ async fn own_client_against_qemu_nbd_tls() {
     for (obj, creds) in cases {
         let sock = dir.path().join("qemu.sock");
         let _ = std::fs::remove_file(&sock);
-        let child = Command::new("qemu-nbd")
-            .args([
-                "--object",
-                &obj,
-                "--tls-creds",
-                "tls0",
-                "-k",
-                sock.to_str().unwrap(),
-            ])
-            .args(["-f", "qcow2", "--persistent", imgs])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let _q = QemuNbd(child);
+        let _q = strata_testkit::qemu_nbd(
+            &sock,
+            "qcow2",
+            Path::new(imgs),
+            &["--object", &obj, "--tls-creds", "tls0"],
+        );
         wait_for(&sock).await;
         let addr = NbdAddr::Unix(sock.clone());
         let c = NbdClient::connect_with(&addr, "", &tls_opts(&creds, Some("localhost")))

@@ -388,6 +388,22 @@ impl Qcow2 {
     /// Create an internal snapshot of the current disk state named `name` (as `qemu-img
     /// snapshot -c`: a new numeric ID, the current time, no VM state).
     pub async fn snapshot_create(&self, name: &str) -> Result<()> {
+        self.snapshot_create_inner(name, 0, 0).await
+    }
+
+    /// [`Self::snapshot_create`] as QEMU's `blockdev-snapshot-internal-sync` does it: its
+    /// virtual clock as `vm_clock_nsec`, and no icount (-1: record/replay is off).
+    pub async fn snapshot_create_with_clock(&self, name: &str, vm_clock_nsec: u64) -> Result<()> {
+        self.snapshot_create_inner(name, vm_clock_nsec, u64::MAX)
+            .await
+    }
+
+    async fn snapshot_create_inner(
+        &self,
+        name: &str,
+        vm_clock_nsec: u64,
+        icount: u64,
+    ) -> Result<()> {
         self.snapshot_preconditions()?;
         if name.len() > u16::MAX as usize {
             return Err(Error::invalid("Snapshot name too long"));
@@ -433,10 +449,10 @@ impl Qcow2 {
                 date_sec: now.as_secs() as u32,
                 // qemu-img takes the time in microseconds.
                 date_nsec: now.subsec_micros() * 1000,
-                vm_clock_nsec: 0,
+                vm_clock_nsec,
                 vm_state_size: 0,
                 disk_size: size,
-                icount: 0,
+                icount,
                 unknown_extra: Vec::new(),
             });
             m.write_snapshot_table(&snaps, old_size).await

@@ -71,12 +71,17 @@ async fn added_bitmaps_match_qemu_img_bitmap_add() {
         ok("qemu-img", &["create", "-q", "-f", "qcow2", &d.s(f), "64M"]);
     }
     let m = load(&d.path("s.qcow2"));
-    let q = open(&m, false, None, None).await;
-    q.bitmap_add("b0", None, true).unwrap();
-    q.bitmap_add("b1", Some(128 << 10), false).unwrap();
     let name = "n".repeat(1023);
-    q.bitmap_add(&name, Some(512), true).unwrap();
-    q.close().await.unwrap();
+    // One open per bitmap, as qemu-img runs.
+    for (n, g, enabled) in [
+        ("b0", None, true),
+        ("b1", Some(128 << 10), false),
+        (name.as_str(), Some(512), true),
+    ] {
+        let q = open(&m, false, None, None).await;
+        q.bitmap_add(n, g, enabled).unwrap();
+        q.close().await.unwrap();
+    }
     save(&m, &d.path("s.qcow2"));
     let img = d.s("q.qcow2");
     ok("qemu-img", &["bitmap", "--add", &img, "b0"]);
@@ -87,6 +92,32 @@ async fn added_bitmaps_match_qemu_img_bitmap_add() {
     ok("qemu-img", &["bitmap", "--add", "-g", "512", &img, &name]);
     assert_eq!(info(&d.s("s.qcow2")), info(&img));
     check_clean(&d.path("s.qcow2"));
+}
+
+/// Bitmaps added in one session are stored newest first after the ones the image had, as
+/// qemu-storage-daemon 10.0.2 stores them (`qemu-img info` lists `[pd, p]` when `p` was added
+/// before `pd`).
+#[tokio::test]
+async fn one_session_stores_new_bitmaps_newest_first() {
+    let d = Dir::new();
+    let img = d.s("o.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", &img, "64M"]);
+    ok("qemu-img", &["bitmap", "--add", &img, "old"]);
+    let m = load(&d.path("o.qcow2"));
+    let q = open(&m, false, None, None).await;
+    q.bitmap_add("p", Some(65536), true).unwrap();
+    q.bitmap_add("pd", None, false).unwrap();
+    q.close().await.unwrap();
+    save(&m, &d.path("o.qcow2"));
+    let v: serde_json::Value = serde_json::from_str(&info(&img)).unwrap();
+    let names: Vec<&str> = v["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["old", "pd", "p"]);
+    check_clean(&d.path("o.qcow2"));
 }
 
 #[tokio::test]

@@ -18,6 +18,8 @@ pub mod json_stream;
 pub mod keyval;
 pub mod monitor;
 pub mod schema;
+mod unexpected;
+pub use unexpected::ghash_iteration_order;
 
 pub use error::{ErrorClass, QmpError};
 pub use events::EventBus;

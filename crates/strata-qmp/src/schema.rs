@@ -524,9 +524,10 @@ impl Schema {
         prefix: &str,
     ) -> Result<Map<String, Value>, QmpError> {
         let mut out = Map::new();
-        let mut seen: HashSet<&str> = HashSet::new();
+        let mut seen: Vec<&str> = Vec::new();
         self.visit_members_inner(mode, ty, input, prefix, &mut out, &mut seen)?;
-        if let Some(k) = input.keys().find(|k| !seen.contains(k.as_str())) {
+        // Reported in QEMU's hash-table order, not the input's.
+        if let Some(k) = crate::unexpected::first_unexpected(input, &seen) {
             return Err(QmpError::unexpected_parameter(&join(prefix, k)));
         }
         Ok(out)
@@ -539,7 +540,7 @@ impl Schema {
         input: &'i Map<String, Value>,
         prefix: &str,
         out: &mut Map<String, Value>,
-        seen: &mut HashSet<&'i str>,
+        seen: &mut Vec<&'i str>,
     ) -> Result<(), QmpError> {
         let Some(Ty::Object {
             members,
@@ -555,7 +556,7 @@ impl Schema {
                 None if m.optional => {}
                 None => return Err(QmpError::missing_parameter(&full)),
                 Some((k, v)) => {
-                    seen.insert(k.as_str());
+                    seen.push(k.as_str());
                     let kind = self.int_kind(ty, &m.name);
                     let cv = self.visit(mode, &m.ty, v, Some(&m.name), &full, kind)?;
                     out.insert(m.name.clone(), cv);

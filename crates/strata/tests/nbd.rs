@@ -4,49 +4,12 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
 
 use common::*;
 use strata_core::NodeRef;
 use strata_nbd::{ExportConfig, ListenAddr, NbdServer, ServerOptions};
-
-fn have(bin: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {bin}"))
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-struct QemuNbd(Child);
-
-impl Drop for QemuNbd {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child process.
-        unsafe {
-            libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM);
-        }
-        let _ = self.0.wait();
-    }
-}
-
-fn qemu_nbd(sock: &Path, fmt: &str, img: &str) -> QemuNbd {
-    let child = Command::new("qemu-nbd")
-        .args(["-k", sock.to_str().unwrap(), "-f", fmt, "--persistent", img])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    for _ in 0..200 {
-        if sock.exists() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    QemuNbd(child)
-}
+use strata_testkit::{have, qemu_nbd};
 
 fn uri(sock: &Path) -> String {
     format!("nbd+unix:///?socket={}", sock.display())
@@ -78,9 +41,9 @@ fn nbd_uris_against_qemu_nbd() {
     let s1 = d.join("s1");
     let s2 = d.join("s2");
     let s3 = d.join("s3");
-    let _a = qemu_nbd(&s1, "qcow2", &p(d, "a.qcow2"));
-    let _b = qemu_nbd(&s2, "raw", &p(d, "b.qcow2"));
-    let _t = qemu_nbd(&s3, "raw", &p(d, "t.raw"));
+    let _a = qemu_nbd(&s1, "qcow2", Path::new(&p(d, "a.qcow2")), &[]);
+    let _b = qemu_nbd(&s2, "raw", Path::new(&p(d, "b.qcow2")), &[]);
+    let _t = qemu_nbd(&s3, "raw", Path::new(&p(d, "t.raw")), &[]);
     let (u1, u2, u3) = (uri(&s1), uri(&s2), uri(&s3));
 
     same(d, &["info", &u1]);

@@ -15,19 +15,6 @@ use crate::commands::DaemonDispatcher;
 use crate::daemon::Daemon;
 use crate::monitor::{self, Chardev};
 
-/// Options that take an argument.
-const WITH_ARG: &[&str] = &[
-    "--blockdev",
-    "--chardev",
-    "--export",
-    "--monitor",
-    "--nbd-server",
-    "--object",
-    "--pidfile",
-    "--trace",
-    "-T",
-];
-
 /// What the command line asks for.
 #[derive(Debug)]
 pub struct Plan {
@@ -104,8 +91,31 @@ Strata storage daemon: a drop-in replacement for qemu-storage-daemon
   --pidfile <path>       write process ID to a file after startup
 ";
 
-/// Pass 1: split the command line into options, handle `-h`/`-V`, reject what is unknown.
-pub fn parse(args: &[String]) -> Result<Parsed, String> {
+/// qsd's long options (getopt_long: a unique prefix is accepted), and whether each takes
+/// an argument.
+const LONG: &[(&str, bool)] = &[
+    ("blockdev", true),
+    ("chardev", true),
+    ("daemonize", false),
+    ("export", true),
+    ("help", false),
+    ("monitor", true),
+    ("nbd-server", true),
+    ("object", true),
+    ("pidfile", true),
+    ("trace", true),
+    ("version", false),
+];
+
+/// A pass-1 error: a getopt message (`unrecognized option '--x'`), printed after `argv[0]`
+/// as given (getopt's format, not QEMU's).
+#[derive(Debug, PartialEq, Eq)]
+pub struct CliError(pub String);
+
+/// Pass 1: split the command line into options (getopt_long with optstring `-hT:V`), handle
+/// `-h`/`-V`, reject what getopt rejects. Positional arguments are errors of pass 2, in
+/// order with the options.
+pub fn parse(args: &[String]) -> Result<Parsed, CliError> {
     let mut plan = Plan {
         daemonize: false,
         pidfile: None,
@@ -115,26 +125,80 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
     while i < args.len() {
         let a = &args[i];
         i += 1;
-        let (opt, inline) = match a.split_once('=') {
-            Some((o, v)) if o.starts_with("--") => (o.to_string(), Some(v.to_string())),
-            _ => (a.clone(), None),
-        };
-        match opt.as_str() {
-            "-h" | "--help" => return Ok(Parsed::Exit(0, HELP.to_string())),
-            "-V" | "--version" => {
-                let v = env!("CARGO_PKG_VERSION");
-                return Ok(Parsed::Exit(
-                    0,
-                    format!("stratad version {v} (Strata; qemu-storage-daemon compatible)\n"),
-                ));
+        let (long, inline): (String, Option<String>) = if let Some(rest) = a.strip_prefix("--")
+            && !rest.is_empty()
+        {
+            let (name, inline) = match rest.split_once('=') {
+                Some((n, v)) => (n, Some(v.to_string())),
+                None => (rest, None),
+            };
+            let exact = LONG.iter().find(|(n, _)| *n == name);
+            let cands: Vec<&(&str, bool)> =
+                LONG.iter().filter(|(n, _)| n.starts_with(name)).collect();
+            let Some(&(full, has_arg)) = exact.or(if cands.len() == 1 {
+                Some(cands[0])
+            } else {
+                None
+            }) else {
+                if cands.len() > 1 {
+                    let list: Vec<String> =
+                        cands.iter().map(|(n, _)| format!(" '--{n}'")).collect();
+                    return Err(CliError(format!(
+                        "option '--{name}' is ambiguous; possibilities:{}",
+                        list.concat()
+                    )));
+                }
+                return Err(CliError(format!("unrecognized option '--{name}'")));
+            };
+            if !has_arg && inline.is_some() {
+                return Err(CliError(format!(
+                    "option '--{full}' doesn't allow an argument"
+                )));
             }
+            (format!("--{full}"), inline)
+        } else if let Some(rest) = a.strip_prefix('-')
+            && !rest.is_empty()
+            && a != "--"
+        {
+            // A cluster of short options; `-T` takes the rest or the next argument.
+            // Every short option but -T ends parsing of the cluster at once (getopt).
+            let found = match rest.char_indices().next() {
+                Some((_, 'h')) => return Ok(Parsed::Exit(0, HELP.to_string())),
+                Some((_, 'V')) => return Ok(Parsed::Exit(0, version_text())),
+                Some((pos, 'T')) => {
+                    let tail = &rest[pos + 1..];
+                    Some((
+                        "-T".to_string(),
+                        (!tail.is_empty()).then(|| tail.to_string()),
+                    ))
+                }
+                Some((_, other)) => {
+                    return Err(CliError(format!("invalid option -- '{other}'")));
+                }
+                None => None,
+            };
+            match found {
+                Some(f) => f,
+                None => continue,
+            }
+        } else {
+            plan.steps.push((String::new(), a.clone()));
+            continue;
+        };
+        match long.as_str() {
+            "--help" => return Ok(Parsed::Exit(0, HELP.to_string())),
+            "--version" => return Ok(Parsed::Exit(0, version_text())),
             "--daemonize" => plan.daemonize = true,
-            o if WITH_ARG.contains(&o) => {
+            o => {
                 let val = match inline {
                     Some(v) => v,
                     None => {
                         let Some(v) = args.get(i) else {
-                            return Err(format!("option '{o}' requires an argument"));
+                            return Err(CliError(if o == "-T" {
+                                "option requires an argument -- 'T'".into()
+                            } else {
+                                format!("option '{o}' requires an argument")
+                            }));
                         };
                         i += 1;
                         v.clone()
@@ -146,11 +210,14 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
                     plan.steps.push((o.to_string(), val));
                 }
             }
-            o if o.starts_with('-') => return Err(format!("unrecognized option '{o}'")),
-            _ => return Err("Unexpected argument".into()),
         }
     }
     Ok(Parsed::Run(plan))
+}
+
+fn version_text() -> String {
+    let v = env!("CARGO_PKG_VERSION");
+    format!("stratad version {v} (Strata; qemu-storage-daemon compatible)\n")
 }
 
 /// Fork: the parent waits for the child's startup verdict and returns its exit code; the
@@ -220,7 +287,11 @@ pub async fn run(plan: Plan, daemonized: bool) -> u8 {
     let mut chardevs: HashMap<String, Chardev> = HashMap::new();
     for (opt, arg) in &plan.steps {
         if let Err(e) = step(&d, &mut chardevs, opt, arg).await {
-            eprintln!("stratad: {opt} {arg}: {e}");
+            if opt.is_empty() {
+                eprintln!("stratad: {arg}: {e}");
+            } else {
+                eprintln!("stratad: {opt} {arg}: {e}");
+            }
             report_ready(ready, 1);
             d.shut_down().await;
             return 1;
@@ -290,6 +361,7 @@ async fn step(
     arg: &str,
 ) -> Result<(), String> {
     match opt {
+        "" => return Err("Unexpected argument".into()),
         "--blockdev" => {
             let a = option_args("blockdev-add", arg, Some("driver"))?;
             let objects = d.graph_objects();
@@ -313,9 +385,6 @@ async fn step(
             if let Some(b) = a.remove("bitmap") {
                 a.insert("bitmaps".into(), Value::Array(vec![b]));
             }
-            if a.get("type").and_then(Value::as_str) != Some("nbd") {
-                return Err("No driver found for the requested export type".into());
-            }
             crate::exports::add_export(d, &a).await?;
         }
         "--chardev" => {
@@ -326,7 +395,13 @@ async fn step(
                     "attempt to add duplicate property '{id}' to object (type 'container')"
                 ));
             }
+            if d.chardevs.lock().qom_type(&id).is_some() {
+                return Err(format!(
+                    "attempt to add duplicate property '{id}' to object (type 'container')"
+                ));
+            }
             chardevs.insert(id, monitor::open_chardev(&c).await?);
+            crate::commands::chardev::register_cli(d, &c);
         }
         "--monitor" => {
             let tree = keyval::parse(arg, Some("chardev"))?;
@@ -339,6 +414,7 @@ async fn step(
             let Some(c) = chardevs.remove(&name) else {
                 return Err(format!("chardev \"{name}\" not found"));
             };
+            crate::commands::chardev::mark_monitor(d, &name);
             let opts = MonitorOptions {
                 pretty,
                 oob: c.oob_capable(),

@@ -53,6 +53,10 @@ pub struct Daemon {
     pub nbd: tokio::sync::Mutex<NbdState>,
     /// Cancelled by `quit` or a signal.
     pub shutdown: CancellationToken,
+    /// Character devices.
+    pub chardevs: Mutex<crate::commands::chardev::Registry>,
+    /// QOM bookkeeping of user-created objects (properties, `/objects` order).
+    pub qom: Mutex<crate::commands::qom::QomState>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -80,6 +84,8 @@ impl Daemon {
             objects: Mutex::new((BTreeMap::new(), objects)),
             nbd: tokio::sync::Mutex::new(NbdState::default()),
             shutdown: CancellationToken::new(),
+            chardevs: Mutex::new(Default::default()),
+            qom: Mutex::new(Default::default()),
         })
     }
 

@@ -164,19 +164,14 @@ pub async fn nbd_server_stop(d: Arc<Daemon>, _a: Args) -> Reply {
 pub async fn add_export(d: &Daemon, a: &Args) -> Result<(), String> {
     let id = arg_str(a, "id").to_string();
     let node_name = arg_str(a, "node-name").to_string();
+    // QEMU's order (blk_exp_add): id, node, writability, iothread, then the driver's own
+    // checks.
     let mut st = d.nbd.lock().await;
-    let Some(server) = st.server.clone() else {
-        return Err("NBD server not running".into());
-    };
     if !strata_job::id_wellformed(&id) {
         return Err("Invalid block export id".into());
     }
     if st.exports.contains_key(&id) {
         return Err(format!("Block export id '{id}' is already in use"));
-    }
-    let name = opt_str(a, "name").unwrap_or(&node_name).to_string();
-    if server.exports().contains(&name) {
-        return Err(format!("NBD server already has export named '{name}'"));
     }
     let writable = opt_bool(a, "writable").unwrap_or(false);
     let mut g = d.env.graph.lock().await;
@@ -185,6 +180,39 @@ pub async fn add_export(d: &Daemon, a: &Args) -> Result<(), String> {
     };
     if writable && rec.read_only {
         return Err("Cannot export read-only node as writable".into());
+    }
+    if let Some(t) = opt_str(a, "iothread")
+        && !matches!(
+            d.objects.lock().0.get(t),
+            Some(crate::daemon::Object::Iothread)
+        )
+    {
+        return Err(format!("iothread \"{t}\" not found"));
+    }
+    match arg_str(a, "type") {
+        "nbd" => {}
+        "fuse" => {
+            // fuse_export_create's argument checks, then Strata's missing driver.
+            let mp = arg_str(a, "mountpoint");
+            let md = std::fs::metadata(mp).map_err(|e| {
+                format!("Failed to stat '{mp}': {}", crate::commands::errno_text(&e))
+            })?;
+            if !md.is_file() {
+                return Err(format!("'{mp}' is not a regular file"));
+            }
+            return Err("FUSE exports are not supported by stratad".into());
+        }
+        "vhost-user-blk" => {
+            return Err("vhost-user-blk exports are not supported by stratad".into());
+        }
+        _ => return Err("No driver found for the requested export type".into()),
+    }
+    let Some(server) = st.server.clone() else {
+        return Err("NBD server not running".into());
+    };
+    let name = opt_str(a, "name").unwrap_or(&node_name).to_string();
+    if server.exports().contains(&name) {
+        return Err(format!("NBD server already has export named '{name}'"));
     }
     let node = rec.node.clone();
     let set = node.bitmaps();
@@ -273,14 +301,14 @@ pub async fn add_export(d: &Daemon, a: &Args) -> Result<(), String> {
 }
 
 pub async fn block_export_add(d: Arc<Daemon>, a: Args) -> Reply {
-    if arg_str(&a, "type") != "nbd" {
-        return Err(generic("No driver found for the requested export type"));
-    }
     add_export(&d, &a).await.map_err(generic)?;
     Ok(ok())
 }
 
 pub async fn nbd_server_add(d: Arc<Daemon>, a: Args) -> Reply {
+    if d.nbd.lock().await.server.is_none() {
+        return Err(generic("NBD server not running"));
+    }
     let device = arg_str(&a, "device");
     let name = opt_str(&a, "name").unwrap_or(device).to_string();
     let mut args = serde_json::Map::new();

@@ -10,6 +10,7 @@ mod monitor;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    let argv0 = std::env::args().next().unwrap_or_else(|| "stratad".into());
     let args: Vec<String> = std::env::args().skip(1).collect();
     let plan = match cli::parse(&args) {
         Ok(cli::Parsed::Exit(code, text)) => {
@@ -17,8 +18,8 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
         Ok(cli::Parsed::Run(plan)) => plan,
-        Err(e) => {
-            eprintln!("stratad: {e}");
+        Err(cli::CliError(e)) => {
+            eprintln!("{argv0}: {e}");
             return ExitCode::from(1);
         }
     };

@@ -2,149 +2,26 @@
 //! qemu-img/qemu-io, and `--blockdev driver=nbd,tls-creds=` against a TLS qemu-nbd.
 //! Certificates are made with openssl(1); each test skips when a tool is missing.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::Duration;
+use std::path::Path;
+use std::process::{Command, Stdio};
 
-fn have(bin: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {bin}"))
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
+use strata_testkit::{KillOnDrop, have, make_pki, run_in, wait_for_path};
 
-fn sh(dir: &Path, cmd: &str, args: &[&str]) -> Output {
-    let o = Command::new(cmd)
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap();
+fn spawn(cmd: &str, args: &[&str], sock: &Path) -> KillOnDrop {
+    let child = KillOnDrop(
+        Command::new(cmd)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
     assert!(
-        o.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
+        wait_for_path(sock, 400),
+        "{cmd} did not create {}",
+        sock.display()
     );
-    o
-}
-
-/// `server/` and `client/` credential directories under one CA.
-fn make_pki(root: &Path) -> (PathBuf, PathBuf) {
-    let w = root.join("pki");
-    std::fs::create_dir_all(&w).unwrap();
-    sh(
-        &w,
-        "openssl",
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca-key.pem",
-            "-out",
-            "ca-cert.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=CA",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ],
-    );
-    for (n, eku) in [("server", "serverAuth"), ("client", "clientAuth")] {
-        std::fs::write(
-            w.join(format!("{n}.ext")),
-            format!(
-                "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
-                 extendedKeyUsage={eku}\nsubjectAltName=DNS:localhost\n"
-            ),
-        )
-        .unwrap();
-        sh(
-            &w,
-            "openssl",
-            &[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                &format!("{n}-key.pem"),
-                "-out",
-                &format!("{n}.csr"),
-                "-subj",
-                &format!("/CN={n}"),
-            ],
-        );
-        sh(
-            &w,
-            "openssl",
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{n}.csr"),
-                "-CA",
-                "ca-cert.pem",
-                "-CAkey",
-                "ca-key.pem",
-                "-CAcreateserial",
-                "-out",
-                &format!("{n}-cert.pem"),
-                "-days",
-                "2",
-                "-extfile",
-                &format!("{n}.ext"),
-            ],
-        );
-    }
-    let mut dirs = Vec::new();
-    for n in ["server", "client"] {
-        let d = root.join(n);
-        std::fs::create_dir_all(&d).unwrap();
-        for f in [
-            "ca-cert.pem".to_string(),
-            format!("{n}-cert.pem"),
-            format!("{n}-key.pem"),
-        ] {
-            std::fs::copy(w.join(&f), d.join(&f)).unwrap();
-        }
-        dirs.push(d);
-    }
-    (dirs[0].clone(), dirs[1].clone())
-}
-
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child process.
-        unsafe {
-            libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM);
-        }
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(cmd: &str, args: &[&str], sock: &Path) -> Kill {
-    let child = Command::new(cmd)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    for _ in 0..400 {
-        if sock.exists() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    assert!(sock.exists(), "{cmd} did not create {}", sock.display());
-    Kill(child)
+    child
 }
 
 #[test]
@@ -158,13 +35,14 @@ fn tls_server_and_tls_blockdev() {
     }
     let t = tempfile::tempdir().unwrap();
     let d = t.path();
-    let (srv, cli) = make_pki(d);
-    sh(
+    let pki = make_pki(d);
+    let (srv, cli) = (pki.server, pki.client);
+    run_in(
         d,
         "qemu-img",
         &["create", "-q", "-f", "qcow2", "d.qcow2", "8M"],
     );
-    sh(
+    run_in(
         d,
         "qemu-io",
         &["-f", "qcow2", "-c", "write -P 0x44 0 1M", "d.qcow2"],
@@ -216,13 +94,13 @@ fn tls_server_and_tls_blockdev() {
         "driver=nbd,server.type=unix,server.path={},export=disk,tls-creds=tls0,tls-hostname=localhost",
         s.display()
     );
-    let o = sh(
+    let o = run_in(
         d,
         "qemu-img",
         &["info", "--object", &obj, "--image-opts", &opts],
     );
     assert!(String::from_utf8_lossy(&o.stdout).contains("virtual size: 8 MiB"));
-    let o = sh(
+    let o = run_in(
         d,
         "qemu-io",
         &[
@@ -247,8 +125,8 @@ fn tls_server_and_tls_blockdev() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("TLS negotiation required"));
 
     // stratad as a TLS client of qemu-nbd, re-exported in plain text.
-    sh(d, "qemu-img", &["create", "-q", "-f", "raw", "r.raw", "1M"]);
-    sh(
+    run_in(d, "qemu-img", &["create", "-q", "-f", "raw", "r.raw", "1M"]);
+    run_in(
         d,
         "qemu-io",
         &["-f", "raw", "-c", "write -P 0x66 0 1M", "r.raw"],
@@ -292,7 +170,7 @@ fn tls_server_and_tls_blockdev() {
         &s2,
     );
     let u = format!("nbd+unix:///n?socket={}", s2.display());
-    sh(
+    run_in(
         d,
         "qemu-io",
         &["-f", "raw", "-r", "-c", "read -P 0x66 0 1M", &u],

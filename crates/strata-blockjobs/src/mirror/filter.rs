@@ -6,16 +6,15 @@
 //! job takes it exclusively for the final synchronisation, so no guest write slips in
 //! between the last copy and the pivot (QEMU keeps the source drained for that span).
 
-use std::any::Any;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use strata_core::{
-    BlockNode, BoxFuture, DebugEvent, DirtyBitmap, Extent, IoBuf, NodeRef, Prealloc, Result,
-    WriteFlags, ZeroFlags,
+    BlockNode, BoxFuture, DirtyBitmap, IoBuf, NodeRef, Prealloc, Result, WriteFlags, ZeroFlags,
 };
 use strata_graph::Link;
+use strata_graph::forward_to_child;
 use strata_job::JobContext;
 use strata_job::error_policy::{ErrorAction, IoOperation, OnError};
 use tokio::sync::{Notify, OwnedRwLockWriteGuard, RwLock};
@@ -303,21 +302,10 @@ impl BlockNode for MirrorTop {
         "mirror_top"
     }
 
-    fn filename(&self) -> String {
-        self.below().filename()
-    }
-
-    fn size(&self) -> u64 {
-        self.below().size()
-    }
-
-    fn read_only(&self) -> bool {
-        self.below().read_only()
-    }
-
-    fn request_alignment(&self) -> u64 {
-        self.below().request_alignment()
-    }
+    forward_to_child!(state.source =>
+        filename, size, read_only, request_alignment, block_status, backing, file, debug_event,
+        as_any,
+    );
 
     fn read(&self, offset: u64, buf: IoBuf) -> BoxFuture<'_, IoBuf> {
         Box::pin(async move {
@@ -345,10 +333,6 @@ impl BlockNode for MirrorTop {
         })
     }
 
-    fn block_status(&self, offset: u64, len: u64) -> BoxFuture<'_, Extent> {
-        self.below().block_status(offset, len)
-    }
-
     fn truncate(&self, size: u64, prealloc: Prealloc) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             let _pass = self.state.gate.read().await;
@@ -356,24 +340,8 @@ impl BlockNode for MirrorTop {
         })
     }
 
-    fn backing(&self) -> Option<NodeRef> {
-        self.below().backing()
-    }
-
-    fn file(&self) -> Option<NodeRef> {
-        Some(self.state.source.clone())
-    }
-
-    fn debug_event(&self, event: DebugEvent) {
-        self.below().debug_event(event)
-    }
-
     // The graph drops the filter; the node below stays open.
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(async { Ok(()) })
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }

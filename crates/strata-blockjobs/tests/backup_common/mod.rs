@@ -4,7 +4,6 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
 use serde_json::{Value, json};
@@ -16,33 +15,10 @@ use strata_graph::blockdev::{Objects, blockdev_add, blockdev_del};
 use strata_graph::{EdgePerms, Graph, Link, Use, User};
 use strata_graph::{GraphNode, NodeKind, NodeRec};
 use strata_job::{JobManager, JobStatus, MemorySink};
-
-pub const MIB: u64 = 1 << 20;
-
-pub fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A qcow2 image of `size` bytes; `writes` are qemu-io commands.
-pub fn qcow2(dir: &Path, name: &str, size: u64, writes: &[&str]) -> PathBuf {
-    let p = dir.join(name);
-    let ps = p.to_str().unwrap();
-    run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", ps, &size.to_string()],
-    );
-    for w in writes {
-        run("qemu-io", &["-f", "qcow2", "-c", w, ps]);
-    }
-    p
-}
+use strata_testkit::Xorshift;
+// Not every test that includes this module uses all of these.
+#[allow(unused_imports)]
+pub use strata_testkit::{MIB, qcow2_image, qcow2_overlay, run_stdout};
 
 pub struct Env {
     pub env: BlockJobEnv,
@@ -139,7 +115,7 @@ pub fn write_raw(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
 
 /// `qemu-img compare` (exit 0 = identical) and `qemu-img check` of the qcow2.
 pub fn assert_same(raw: &Path, qcow: &Path) {
-    run(
+    run_stdout(
         "qemu-img",
         &[
             "compare",
@@ -151,24 +127,23 @@ pub fn assert_same(raw: &Path, qcow: &Path) {
             qcow.to_str().unwrap(),
         ],
     );
-    run("qemu-img", &["check", "-q", qcow.to_str().unwrap()]);
+    run_stdout("qemu-img", &["check", "-q", qcow.to_str().unwrap()]);
 }
 
 /// A seeded writer: random writes of random patterns; returns the byte ranges written.
 pub struct Writer {
-    x: u64,
+    rng: Xorshift,
 }
 
 impl Writer {
     pub fn new(seed: u64) -> Writer {
-        Writer { x: seed | 1 }
+        Writer {
+            rng: Xorshift::new(seed),
+        }
     }
 
     pub fn next(&mut self) -> u64 {
-        self.x ^= self.x << 13;
-        self.x ^= self.x >> 7;
-        self.x ^= self.x << 17;
-        self.x
+        self.rng.next()
     }
 
     /// One random write through `to`, applied to `model` too.

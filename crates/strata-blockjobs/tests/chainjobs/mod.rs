@@ -5,7 +5,6 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -16,8 +15,11 @@ use strata_core::{BlockNode, IoBuf, NodeRef, WriteFlags};
 use strata_graph::blockdev::{Objects, blockdev_add};
 use strata_graph::{EdgeId, EdgePerms, Graph, Link, Use, User};
 use strata_job::{JobManager, JobStatus, MemorySink};
+use strata_testkit::Xorshift;
+// Not every test that includes this module uses all of these.
+#[allow(unused_imports)]
+pub use strata_testkit::{MIB, run};
 
-pub const MIB: u64 = 1 << 20;
 pub const KIB: u64 = 1 << 10;
 
 /// One layer of a test chain: its node name, virtual size and the `write -P` patterns
@@ -36,17 +38,6 @@ pub fn layer(name: &'static str, size: u64, writes: &[(u8, u64, u64)]) -> Layer 
     }
 }
 
-pub fn run(cmd: &str, args: &[&str]) -> std::process::Output {
-    let out = Command::new(cmd).args(args).output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 /// Everything one test works with.
 pub struct World {
     pub dir: tempfile::TempDir,
@@ -61,6 +52,20 @@ pub struct World {
 impl World {
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(format!("{name}.qcow2"))
+    }
+
+    /// Open a 4 MiB qcow2 image outside the chain as node `lone`.
+    pub async fn add_lone_image(&self) {
+        let lone = self.dir.path().join("lone.qcow2");
+        run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", &lone.to_string_lossy(), "4M"],
+        );
+        let mut g = self.env.graph.lock().await;
+        let o = json!({"driver": "qcow2", "node-name": "lone", "file": {"driver": "file", "filename": lone}});
+        blockdev_add(&mut g, &Default::default(), o.as_object().unwrap())
+            .await
+            .unwrap();
     }
 
     pub fn path_str(&self, name: &str) -> String {
@@ -167,13 +172,8 @@ impl World {
         let model = self.model.clone();
         let s2 = stop.clone();
         let task = tokio::spawn(async move {
-            let mut x = seed | 1;
-            let mut next = move || {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x
-            };
+            let mut rng = Xorshift::new(seed);
+            let mut next = move || rng.next();
             let size = link.size();
             let mut count = 0u64;
             while !s2.load(Ordering::Acquire) {

@@ -4,8 +4,7 @@
 
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -17,54 +16,10 @@ use strata_core::{BlockNode, IoBuf, NodeRef, WriteFlags};
 use strata_graph::blockdev::{Objects, blockdev_add};
 use strata_graph::{EdgePerms, Graph, Link, Use, User};
 use strata_job::{JobManager, JobStatus, MemorySink};
-
-pub const MIB: u64 = 1 << 20;
-
-pub fn qemu_img(args: &[&str]) -> String {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img runs");
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-pub fn qemu_io(path: &Path, cmd: &str) {
-    let out = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", cmd])
-        .arg(path)
-        .output()
-        .expect("qemu-io runs");
-    assert!(
-        out.status.success(),
-        "qemu-io {cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A qcow2 image of `size` bytes, optionally with a backing file, filled by `qemu-io` commands.
-pub fn image(dir: &Path, name: &str, size: u64, backing: Option<&Path>, fill: &[&str]) -> PathBuf {
-    let p = dir.join(name);
-    let size = size.to_string();
-    let mut args = vec!["create", "-q", "-f", "qcow2"];
-    let b;
-    if let Some(bp) = backing {
-        b = bp.to_str().unwrap().to_string();
-        args.extend(["-b", &b, "-F", "qcow2"]);
-    }
-    let ps = p.to_str().unwrap().to_string();
-    args.push(&ps);
-    args.push(&size);
-    qemu_img(&args);
-    for f in fill {
-        qemu_io(&p, f);
-    }
-    p
-}
+use strata_testkit::Xorshift;
+// Not every test that includes this module uses all of these.
+#[allow(unused_imports)]
+pub use strata_testkit::{MIB, qcow2_image, qemu_img, qemu_io};
 
 pub fn check(path: &Path) {
     qemu_img(&["check", "-q", path.to_str().unwrap()]);
@@ -111,6 +66,21 @@ pub fn harness(g: Graph) -> Harness {
 }
 
 impl Harness {
+    /// Drop the exports' backend edges; the graph stays locked for the caller.
+    pub async fn drop_backends(&self) -> tokio::sync::MutexGuard<'_, Graph> {
+        let mut g = self.env.graph.lock().await;
+        let ids: Vec<_> = g
+            .edges()
+            .iter()
+            .filter(|e| e.user == User::Backend)
+            .map(|e| e.id)
+            .collect();
+        for id in ids {
+            g.remove_edge(id);
+        }
+        g
+    }
+
     /// Events with `len`/`offset` dropped (they depend on timing), as `(name, data)`;
     /// JOB_STATUS_CHANGE reduced to its status.
     pub fn events(&self) -> Vec<String> {
@@ -145,13 +115,6 @@ pub struct Writer {
     task: tokio::task::JoinHandle<u64>,
 }
 
-pub fn xorshift(s: &mut u64) -> u64 {
-    *s ^= *s << 13;
-    *s ^= *s >> 7;
-    *s ^= *s << 17;
-    *s
-}
-
 impl Writer {
     /// `pause`: sleep between writes (None = only yield).
     pub fn start(
@@ -163,13 +126,13 @@ impl Writer {
         let stop = Arc::new(AtomicBool::new(false));
         let s2 = stop.clone();
         let task = tokio::spawn(async move {
-            let mut rng = seed | 1;
+            let mut rng = Xorshift::new(seed);
             let size = link.size();
             let mut n = 0;
             while !s2.load(Ordering::Acquire) {
-                let len = (1 + xorshift(&mut rng) % 32) * 2048;
-                let off = (xorshift(&mut rng) % ((size - len) / 512)) * 512;
-                let byte = (xorshift(&mut rng) % 251) as u8 + 1;
+                let len = (1 + rng.next() % 32) * 2048;
+                let off = (rng.next() % ((size - len) / 512)) * 512;
+                let byte = (rng.next() % 251) as u8 + 1;
                 let mut buf = IoBuf::zeroed(len as usize);
                 buf.fill(byte);
                 let node: &dyn BlockNode = &*link;

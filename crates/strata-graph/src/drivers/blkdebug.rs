@@ -17,15 +17,14 @@
 //! - writes to the node announce `pwritev` / `pwritev_zero` before and `pwritev_done`
 //!   after, on the node itself, as QEMU's generic write path does for every node.
 
-use std::any::Any;
 use std::path::Path;
 
+use crate::forward_to_child;
 use parking_lot::Mutex;
 use serde_json::Value;
 use strata_core::error::strerror;
 use strata_core::{
-    BlockNode, BoxFuture, DebugEvent, Error, Extent, IoBuf, NodeRef, Prealloc, Result, WriteFlags,
-    ZeroFlags,
+    BlockNode, BoxFuture, DebugEvent, Error, Extent, IoBuf, NodeRef, Result, WriteFlags, ZeroFlags,
 };
 
 /// QEMU's `BlkdebugIOType`.
@@ -703,20 +702,14 @@ impl BlockNode for BlkdebugNode {
         "blkdebug"
     }
 
+    forward_to_child!(image => size, read_only, truncate, file, allocated_size, close, as_any);
+
     fn filename(&self) -> String {
         format!(
             "blkdebug:{}:{}",
             self.opts.config.as_deref().unwrap_or(""),
             self.image.filename()
         )
-    }
-
-    fn size(&self) -> u64 {
-        self.image.size()
-    }
-
-    fn read_only(&self) -> bool {
-        self.image.read_only()
     }
 
     fn request_alignment(&self) -> u64 {
@@ -791,28 +784,8 @@ impl BlockNode for BlkdebugNode {
         })
     }
 
-    fn truncate(&self, size: u64, prealloc: Prealloc) -> BoxFuture<'_, ()> {
-        self.image.truncate(size, prealloc)
-    }
-
-    fn file(&self) -> Option<NodeRef> {
-        Some(self.image.clone())
-    }
-
     /// Events stop here (QEMU delivers an event to the first node that handles it).
     fn debug_event(&self, event: DebugEvent) {
         self.event(event);
-    }
-
-    fn allocated_size(&self) -> BoxFuture<'_, Option<u64>> {
-        self.image.allocated_size()
-    }
-
-    fn close(&self) -> BoxFuture<'_, ()> {
-        self.image.close()
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }

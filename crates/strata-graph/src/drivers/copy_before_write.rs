@@ -25,6 +25,7 @@ use strata_core::{
 use tokio::sync::Notify;
 
 use super::block_copy::{BlockCopyOptions, BlockCopyState};
+use crate::forward_to_child;
 use crate::status::block_status_above;
 
 /// `OnCbwError`.
@@ -347,25 +348,10 @@ impl BlockNode for CbwNode {
         "copy-before-write"
     }
 
-    fn filename(&self) -> String {
-        self.shared.file.filename()
-    }
-
-    fn size(&self) -> u64 {
-        self.shared.file.size()
-    }
-
-    fn read_only(&self) -> bool {
-        self.shared.file.read_only()
-    }
-
-    fn request_alignment(&self) -> u64 {
-        self.shared.file.request_alignment()
-    }
-
-    fn read(&self, offset: u64, buf: IoBuf) -> BoxFuture<'_, IoBuf> {
-        self.shared.file.read(offset, buf)
-    }
+    forward_to_child!(shared.file =>
+        filename, size, read_only, request_alignment, read, flush, block_status, backing, file,
+        debug_event, as_any,
+    );
 
     fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BoxFuture<'_, IoBuf> {
         Box::pin(async move {
@@ -393,37 +379,13 @@ impl BlockNode for CbwNode {
         })
     }
 
-    fn flush(&self) -> BoxFuture<'_, ()> {
-        self.shared.file.flush()
-    }
-
-    fn block_status(&self, offset: u64, len: u64) -> BoxFuture<'_, Extent> {
-        self.shared.file.block_status(offset, len)
-    }
-
     fn truncate(&self, _size: u64, _prealloc: Prealloc) -> BoxFuture<'_, ()> {
         Box::pin(async { Err(Error::unsupported("Cannot resize a copy-before-write node")) })
-    }
-
-    fn backing(&self) -> Option<NodeRef> {
-        self.shared.file.backing()
-    }
-
-    fn file(&self) -> Option<NodeRef> {
-        Some(self.shared.file.clone())
-    }
-
-    fn debug_event(&self, event: strata_core::DebugEvent) {
-        self.shared.file.debug_event(event)
     }
 
     // The graph closes the children; the filter holds nothing of its own on disk.
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(async { Ok(()) })
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }
 

@@ -10,19 +10,18 @@
 //! through this node that overlap it wait, and a copy waits for overlapping guest writes
 //! already in flight and then looks again at what the top image holds.
 
-use std::any::Any;
 use std::pin::pin;
 
 use parking_lot::Mutex;
 use strata_core::buf::is_zero;
 use strata_core::range::{align_down, align_up, check_request};
 use strata_core::{
-    BlockNode, BoxFuture, DebugEvent, Extent, IoBuf, NodeRef, Prealloc, Result, WriteFlags,
-    ZeroFlags,
+    BlockNode, BoxFuture, DebugEvent, Extent, IoBuf, NodeRef, Result, WriteFlags, ZeroFlags,
 };
 use strata_qcow2::Qcow2;
 use tokio::sync::Notify;
 
+use crate::forward_to_child;
 use crate::status::{block_status_above, same_node};
 
 /// The most data one copy moves (QEMU bounds its bounce buffer too).
@@ -249,21 +248,10 @@ impl BlockNode for CopyOnReadNode {
         "copy-on-read"
     }
 
-    fn filename(&self) -> String {
-        self.file.filename()
-    }
-
-    fn size(&self) -> u64 {
-        self.file.size()
-    }
-
-    fn read_only(&self) -> bool {
-        self.file.read_only()
-    }
-
-    fn request_alignment(&self) -> u64 {
-        self.file.request_alignment()
-    }
+    forward_to_child!(file =>
+        filename, size, read_only, request_alignment, flush, block_status, truncate, file,
+        debug_event, allocated_size, close, as_any,
+    );
 
     fn read(&self, offset: u64, buf: IoBuf) -> BoxFuture<'_, IoBuf> {
         Box::pin(self.cor_read(offset, buf))
@@ -295,38 +283,5 @@ impl BlockNode for CopyOnReadNode {
                 .await;
             self.file.discard(offset, len).await
         })
-    }
-
-    fn flush(&self) -> BoxFuture<'_, ()> {
-        self.file.flush()
-    }
-
-    /// The child's answer: a filter stores nothing itself.
-    fn block_status(&self, offset: u64, len: u64) -> BoxFuture<'_, Extent> {
-        self.file.block_status(offset, len)
-    }
-
-    fn truncate(&self, size: u64, prealloc: Prealloc) -> BoxFuture<'_, ()> {
-        self.file.truncate(size, prealloc)
-    }
-
-    fn file(&self) -> Option<NodeRef> {
-        Some(self.file.clone())
-    }
-
-    fn debug_event(&self, event: DebugEvent) {
-        self.file.debug_event(event);
-    }
-
-    fn allocated_size(&self) -> BoxFuture<'_, Option<u64>> {
-        self.file.allocated_size()
-    }
-
-    fn close(&self) -> BoxFuture<'_, ()> {
-        self.file.close()
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }

@@ -6,6 +6,7 @@ pub mod block_copy;
 pub mod cache;
 pub mod copy_before_write;
 pub mod copy_on_read;
+pub mod forward;
 pub mod null;
 pub mod raw;
 pub mod throttle;

@@ -13,17 +13,15 @@
 //! counted in `iops-size` units) to the level. With `-max-length` above 1 a second level
 //! (`burst_level`) leaking at `max` per second keeps bursts at the `max` rate.
 
-use std::any::Any;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::forward_to_child;
 use parking_lot::Mutex;
 use serde_json::Value;
-use strata_core::{
-    BlockNode, BoxFuture, DebugEvent, Extent, IoBuf, NodeRef, Prealloc, WriteFlags, ZeroFlags,
-};
+use strata_core::{BlockNode, BoxFuture, IoBuf, NodeRef, WriteFlags, ZeroFlags};
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
@@ -599,21 +597,10 @@ impl BlockNode for ThrottleNode {
         "throttle"
     }
 
-    fn filename(&self) -> String {
-        self.file.filename()
-    }
-
-    fn size(&self) -> u64 {
-        self.file.size()
-    }
-
-    fn read_only(&self) -> bool {
-        self.file.read_only()
-    }
-
-    fn request_alignment(&self) -> u64 {
-        self.file.request_alignment()
-    }
+    forward_to_child!(file =>
+        filename, size, read_only, request_alignment, flush, block_status, truncate, file,
+        debug_event, allocated_size, close, as_any,
+    );
 
     fn read(&self, offset: u64, buf: IoBuf) -> BoxFuture<'_, IoBuf> {
         Box::pin(async move {
@@ -643,39 +630,6 @@ impl BlockNode for ThrottleNode {
             self.group.intercept(self.member, Dir::Write, len).await;
             self.file.discard(offset, len).await
         })
-    }
-
-    fn flush(&self) -> BoxFuture<'_, ()> {
-        self.file.flush()
-    }
-
-    /// The child's answer: a filter stores nothing itself.
-    fn block_status(&self, offset: u64, len: u64) -> BoxFuture<'_, Extent> {
-        self.file.block_status(offset, len)
-    }
-
-    fn truncate(&self, size: u64, prealloc: Prealloc) -> BoxFuture<'_, ()> {
-        self.file.truncate(size, prealloc)
-    }
-
-    fn file(&self) -> Option<NodeRef> {
-        Some(self.file.clone())
-    }
-
-    fn debug_event(&self, event: DebugEvent) {
-        self.file.debug_event(event);
-    }
-
-    fn allocated_size(&self) -> BoxFuture<'_, Option<u64>> {
-        self.file.allocated_size()
-    }
-
-    fn close(&self) -> BoxFuture<'_, ()> {
-        self.file.close()
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }
 

@@ -17,6 +17,9 @@ use strata_core::{
 };
 use strata_nbd::proto::*;
 use strata_nbd::{DirtySource, ExportConfig, ListenAddr, NbdServer, ServerOptions};
+// Not every test that includes this module uses it.
+#[allow(unused_imports)]
+pub use strata_testkit::have;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
@@ -293,20 +296,6 @@ pub async fn unix_server_with(dir: &Path, opts: ServerOptions) -> (Arc<NbdServer
 
 pub fn uri(sock: &Path, export: &str) -> String {
     format!("nbd+unix:///{export}?socket={}", sock.display())
-}
-
-/// Whether `bin` is installed; prints a skip message if not.
-pub fn have(bin: &str) -> bool {
-    let ok = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {bin}"))
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        eprintln!("SKIP: {bin} is not installed");
-    }
-    ok
 }
 
 /// Run a command off the runtime's worker threads; returns (success, stdout, stderr).

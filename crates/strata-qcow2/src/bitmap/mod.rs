@@ -442,9 +442,10 @@ impl Qcow2 {
         if dir > MAX_BITMAP_DIRECTORY_SIZE {
             return Err(prefix("Not enough space in the bitmap directory"));
         }
-        if self.read_only {
-            return Err(Error::new(ErrorKind::ReadOnly, "No write access"));
-        }
+        // No write-access check: QEMU accepts a new persistent bitmap on a read-only image.
+        // It is stored if the image is reopened read-write before it is closed; closed
+        // read-only, it is lost (QEMU reports "Lost persistent bitmaps during inactivation
+        // of node '…': No write access" on stderr and closes the node anyway).
         Ok(())
     }
 
@@ -455,6 +456,31 @@ impl Qcow2 {
         check_add_args(name, g)?;
         self.bitmap_storable(&node_name(), name, g)?;
         self.bitmaps.set.add(name, g, true, !enabled)
+    }
+
+    /// Take over the in-memory bitmaps of the instance this one reopens (QEMU keeps a
+    /// node's bitmaps across a reopen): those the image did not store — bitmaps that are
+    /// not persistent, and persistent ones created while the image was read-only, which are
+    /// then stored when this instance closes read-write. Bitmaps this instance loaded from
+    /// the image stay as loaded.
+    pub fn adopt_bitmaps(&self, old: &BitmapSet) {
+        let set = &self.bitmaps.set;
+        // `info` lists newest first; keep the creation order.
+        for b in old.info().into_iter().rev() {
+            if set.contains(&b.name) {
+                continue;
+            }
+            let Some(data) = old.snapshot(&b.name) else {
+                continue;
+            };
+            let st = LoadedState {
+                recording: b.recording,
+                persistent: b.persistent,
+                inconsistent: b.inconsistent,
+                read_only: false,
+            };
+            let _ = set.insert_loaded(&b.name, data, st);
+        }
     }
 
     /// Delete a bitmap, from the image at once for a persistent one (QEMU's
@@ -543,7 +569,10 @@ impl Qcow2 {
         let mut drop_old = Vec::new();
         let mut new_entries = Vec::new();
         let res: Result<()> = async {
-            for b in &taken {
+            // QEMU walks the node's bitmap list newest first: stored bitmaps keep their
+            // directory slot, new ones are appended newest first (`p` then `pd` added in
+            // one session are stored as `[pd, p]`).
+            for b in taken.iter().rev() {
                 let (name, d) = (&b.name, &b.bitmap);
                 let bits = d.granularity().trailing_zeros() as u8;
                 table::check_constraints(name, d.granularity(), d.size(), m.cs).map_err(|e| {

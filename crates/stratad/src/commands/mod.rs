@@ -13,9 +13,14 @@ use crate::daemon::Daemon;
 
 pub mod bitmap;
 pub mod block;
+pub mod chardev;
+pub mod drive;
 pub mod jobs;
+pub mod nodes;
 pub mod objects;
+pub mod qom;
 pub mod query;
+pub mod snapshot_internal;
 pub mod transaction;
 
 /// A command's result.
@@ -86,6 +91,27 @@ table! {
     "query-block-exports" => crate::exports::query_block_exports,
     "object-add" => objects::object_add,
     "object-del" => objects::object_del,
+    "qom-list" => qom::qom_list,
+    "qom-get" => qom::qom_get,
+    "qom-set" => qom::qom_set,
+    "qom-list-types" => qom::qom_list_types,
+    "qom-list-properties" => qom::qom_list_properties,
+    "chardev-add" => chardev::chardev_add,
+    "chardev-change" => chardev::chardev_change,
+    "chardev-remove" => chardev::chardev_remove,
+    "chardev-send-break" => chardev::chardev_send_break,
+    "query-chardev" => chardev::query_chardev,
+    "query-chardev-backends" => chardev::query_chardev_backends,
+    "ringbuf-write" => chardev::ringbuf_write,
+    "ringbuf-read" => chardev::ringbuf_read,
+    "blockdev-snapshot-internal-sync" => snapshot_internal::blockdev_snapshot_internal_sync,
+    "blockdev-snapshot-delete-internal-sync" => snapshot_internal::blockdev_snapshot_delete_internal_sync,
+    "drive-backup" => drive::drive_backup,
+    "drive-mirror" => drive::drive_mirror,
+    "block-set-write-threshold" => nodes::block_set_write_threshold,
+    "blockdev-set-active" => nodes::blockdev_set_active,
+    "x-blockdev-change" => nodes::x_blockdev_change,
+    "x-blockdev-set-iothread" => nodes::x_blockdev_set_iothread,
     "quit" => quit,
 }
 
@@ -123,6 +149,15 @@ pub fn arg_str<'a>(a: &'a Args, key: &str) -> &'a str {
 /// An optional string argument.
 pub fn opt_str<'a>(a: &'a Args, key: &str) -> Option<&'a str> {
     a.get(key).and_then(Value::as_str)
+}
+
+/// An I/O error as `strerror` words ("No such file or directory"), as QEMU prints them.
+pub fn errno_text(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.rfind(" (os error ") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
 }
 
 /// An optional bool argument.

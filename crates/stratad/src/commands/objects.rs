@@ -63,6 +63,7 @@ pub fn add(d: &Daemon, a: &Args) -> Result<(), strata_qmp::QmpError> {
         _ => Object::Other,
     };
     objs.0.insert(id.to_string(), obj);
+    d.qom.lock().added(id, kind, &props);
     Ok(())
 }
 
@@ -91,6 +92,7 @@ pub async fn object_del(d: Arc<Daemon>, a: Args) -> Reply {
         )));
     }
     objs.0.remove(id);
+    d.qom.lock().removed(id);
     objs.1.throttle_groups.remove(id);
     objs.1.tls_creds.remove(id);
     Ok(ok())

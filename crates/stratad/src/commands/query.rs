@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde_json::{Map, Value, json};
-use strata_core::{BlockNode, NodeRef};
+use strata_core::NodeRef;
 use strata_graph::perm::User;
-use strata_graph::{Graph, driver_of};
+use strata_graph::{Graph, driver_of, node_filename};
 use strata_qcow2::Qcow2;
 
 use super::{Args, Reply, opt_bool};
@@ -19,7 +19,7 @@ async fn image_info(g: &Graph, name: &str, backing: bool) -> Value {
     let rec = g.node(name).expect("listed");
     let node: NodeRef = rec.node.clone();
     let mut v = Map::new();
-    v.insert("filename".into(), json!(node.filename()));
+    v.insert("filename".into(), json!(node_filename(g, name)));
     v.insert("format".into(), json!(node.driver()));
     v.insert("virtual-size".into(), json!(node.size()));
     if let Ok(Some(n)) = node.allocated_size().await {
@@ -91,7 +91,7 @@ pub async fn device_info(g: &Graph, name: &str, flat: bool) -> Value {
     let rec = g.node(name).expect("listed");
     let node: NodeRef = rec.node.clone();
     let mut v = Map::new();
-    v.insert("file".into(), json!(node.filename()));
+    v.insert("file".into(), json!(node_filename(g, name)));
     v.insert("node-name".into(), json!(name));
     v.insert("ro".into(), json!(rec.read_only));
     v.insert("drv".into(), json!(node.driver()));
@@ -99,10 +99,7 @@ pub async fn device_info(g: &Graph, name: &str, flat: bool) -> Value {
         .chain_below(name)
         .filter(|_| rec.kind == strata_graph::NodeKind::Format)
     {
-        v.insert(
-            "backing_file".into(),
-            json!(g.node(&b).map(|n| n.node.filename())),
-        );
+        v.insert("backing_file".into(), json!(node_filename(g, &b)));
     }
     v.insert(
         "backing_file_depth".into(),
@@ -114,8 +111,8 @@ pub async fn device_info(g: &Graph, name: &str, flat: bool) -> Value {
         v.insert(k.into(), json!(0));
     }
     v.insert("image".into(), image_info(g, name, !flat).await);
-    v.insert("write_threshold".into(), json!(0));
-    v.insert("active".into(), json!(true));
+    v.insert("write_threshold".into(), json!(rec.node.write_threshold()));
+    v.insert("active".into(), json!(rec.node.is_active()));
     let direct = rec
         .options
         .get("cache")
