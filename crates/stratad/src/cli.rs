@@ -297,6 +297,7 @@ pub async fn run(plan: Plan, daemonized: bool) -> u8 {
             return 1;
         }
     }
+    d.started.cancel();
     if let Some(p) = &plan.pidfile
         && let Err(e) = std::fs::write(p, format!("{}\n", std::process::id()))
     {
@@ -420,12 +421,18 @@ async fn step(
                 oob: c.oob_capable(),
                 version: version(),
             };
-            monitor::spawn_monitor(
-                c,
-                Arc::new(DaemonDispatcher(d.clone())),
-                d.events.clone(),
-                opts,
-            );
+            // Like qsd, monitors answer only once every option has been processed, so a
+            // client never sees a half-built graph.
+            let d2 = d.clone();
+            tokio::spawn(async move {
+                d2.started.cancelled().await;
+                monitor::spawn_monitor(
+                    c,
+                    Arc::new(DaemonDispatcher(d2.clone())),
+                    d2.events.clone(),
+                    opts,
+                );
+            });
         }
         other => return Err(format!("unrecognized option '{other}'")),
     }

@@ -53,6 +53,8 @@ pub struct Daemon {
     pub nbd: tokio::sync::Mutex<NbdState>,
     /// Cancelled by `quit` or a signal.
     pub shutdown: CancellationToken,
+    /// Cancelled once every command-line option has been processed; monitors wait for it.
+    pub started: CancellationToken,
     /// Character devices.
     pub chardevs: Mutex<crate::commands::chardev::Registry>,
     /// QOM bookkeeping of user-created objects (properties, `/objects` order).
@@ -84,6 +86,7 @@ impl Daemon {
             objects: Mutex::new((BTreeMap::new(), objects)),
             nbd: tokio::sync::Mutex::new(NbdState::default()),
             shutdown: CancellationToken::new(),
+            started: CancellationToken::new(),
             chardevs: Mutex::new(Default::default()),
             qom: Mutex::new(Default::default()),
         })
