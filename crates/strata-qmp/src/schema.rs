@@ -19,6 +19,12 @@ use std::sync::OnceLock;
 /// The checked-in introspection document.
 pub const QSD_SCHEMA_JSON: &str = include_str!("../schema/qsd-10.0.2.json");
 
+/// Strata's additions to the qsd schema (new optional members, enum values, types and
+/// commands; see `docs/EXTENSIONS.md`). They are accepted by both visitors but left out of
+/// `query-qmp-schema`, which stays byte-for-byte qsd's so that introspecting clients see
+/// exactly the daemon they expect.
+pub const STRATA_EXTENSIONS_JSON: &str = include_str!("../schema/strata-extensions.json");
+
 /// The width and kind of a QAPI integer type (introspection shows all of them as `int`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IntKind {
@@ -215,7 +221,85 @@ impl Schema {
     /// The embedded qemu-storage-daemon 10.0.2 schema (parsed once).
     pub fn qsd() -> &'static Schema {
         static S: OnceLock<Schema> = OnceLock::new();
-        S.get_or_init(|| Schema::from_json(QSD_SCHEMA_JSON).expect("embedded schema is valid"))
+        S.get_or_init(|| {
+            let mut s = Schema::from_json(QSD_SCHEMA_JSON).expect("embedded schema is valid");
+            s.apply_extensions(STRATA_EXTENSIONS_JSON)
+                .expect("embedded extensions are valid");
+            s
+        })
+    }
+
+    /// Applies an extensions document: `{"types": [SchemaInfo...], "commands": [{"name",
+    /// "arg-type", "ret-type"}...], "members": [{"command", "name", "type"}...],
+    /// "enum-values": [{"command", "member", "values": [...]}...]}`. Added members are
+    /// always optional, so every qsd request stays valid and means the same.
+    pub fn apply_extensions(&mut self, text: &str) -> Result<(), String> {
+        let doc: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let list = |key: &str| -> Vec<Value> {
+            doc.get(key)
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default()
+        };
+        let field = |v: &Value, key: &str| -> Result<String, String> {
+            v.get(key)
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .ok_or_else(|| format!("extension entry without {key}: {v}"))
+        };
+        for t in list("types") {
+            self.add_entry(&t)?;
+        }
+        for c in list("commands") {
+            let mut c = c.clone();
+            c["meta-type"] = Value::from("command");
+            self.add_entry(&c)?;
+        }
+        for m in list("members") {
+            let command = field(&m, "command")?;
+            let arg = self
+                .command_arg_type(&command)
+                .ok_or_else(|| format!("extension for unknown command {command}"))?
+                .to_string();
+            let member = Member {
+                name: field(&m, "name")?,
+                ty: field(&m, "type")?,
+                optional: true,
+            };
+            match self.types.get_mut(&arg) {
+                Some(Ty::Object { members, .. }) => members.push(member),
+                _ => return Err(format!("{command}'s arguments are not an object")),
+            }
+        }
+        for e in list("enum-values") {
+            let command = field(&e, "command")?;
+            let member = field(&e, "member")?;
+            let ty = self
+                .member_type(&command, &member)
+                .ok_or_else(|| format!("extension for unknown member {command}.{member}"))?;
+            let values = e.get("values").and_then(Value::as_array).cloned();
+            match self.types.get_mut(&ty) {
+                Some(Ty::Enum(known)) => known.extend(
+                    values
+                        .unwrap_or_default()
+                        .iter()
+                        .filter_map(|v| v.as_str().map(str::to_string)),
+                ),
+                _ => return Err(format!("{command}.{member} is not an enum")),
+            }
+        }
+        Ok(())
+    }
+
+    /// The type name of member `member` of `command`'s arguments.
+    fn member_type(&self, command: &str, member: &str) -> Option<String> {
+        match self.types.get(self.command_arg_type(command)?)? {
+            Ty::Object { members, .. } => members
+                .iter()
+                .find(|m| m.name == member)
+                .map(|m| m.ty.clone()),
+            _ => None,
+        }
     }
 
     /// Builds a schema from an introspection document (a JSON array of SchemaInfo).

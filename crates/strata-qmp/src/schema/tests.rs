@@ -474,3 +474,44 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn extensions_add_optional_members_and_enum_values_without_changing_introspection() {
+    let mut s = Schema::from_json(QSD_SCHEMA_JSON).unwrap();
+    let before = s.introspect(&["block-commit", "blockdev-mirror"]);
+    s.apply_extensions(
+        r#"{"members": [{"command": "block-commit", "name": "x-demo", "type": "bool"}],
+            "enum-values": [{"command": "blockdev-mirror", "member": "copy-mode",
+                             "values": ["demo"]}]}"#,
+    )
+    .unwrap();
+    let args = |v: Value| v.as_object().unwrap().clone();
+    s.validate_command_args(
+        "block-commit",
+        &args(json!({"device": "d", "x-demo": true})),
+    )
+    .unwrap();
+    let e = s
+        .validate_command_args("block-commit", &args(json!({"device": "d", "x-demo": 1})))
+        .unwrap_err();
+    assert_eq!(
+        e.desc,
+        "Invalid parameter type for 'x-demo', expected: boolean"
+    );
+    let mirror = json!({"device": "d", "target": "t", "sync": "full", "copy-mode": "demo"});
+    s.validate_command_args("blockdev-mirror", &args(mirror))
+        .unwrap();
+    assert_eq!(s.introspect(&["block-commit", "blockdev-mirror"]), before);
+    // qsd's own requests keep their meaning.
+    s.validate_command_args("block-commit", &args(json!({"device": "d"})))
+        .unwrap();
+    assert!(
+        s.apply_extensions(r#"{"members": [{"command": "no-such", "name": "a", "type": "bool"}]}"#)
+            .is_err()
+    );
+}
+
+#[test]
+fn embedded_extensions_load() {
+    assert!(Schema::qsd().has_command("block-commit"));
+}
