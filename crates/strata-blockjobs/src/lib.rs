@@ -14,6 +14,7 @@ pub mod create;
 pub mod env;
 pub mod mirror;
 pub mod offline;
+mod parallel;
 pub mod stream;
 
 pub use env::{BlockJobEnv, CmdError, SharedGraph};

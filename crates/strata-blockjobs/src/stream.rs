@@ -7,9 +7,10 @@
 //! from) goes above `device`; the job is created; it pins the filter (`main node`), reads
 //! through it with an internal backend, pins `device` (`active node`) and every node from
 //! `device`'s backing down to `bottom` (`intermediate node`, no writes, no resize), and
-//! freezes those backing links. The copy loop reads, 512 KiB at a time, every range the
-//! top does not allocate but a layer above the base does, through the filter, so the data
-//! lands in the top image; guest writes through the filter are serialised against it.
+//! freezes those backing links. The copy loop reads, 512 KiB at a time with several chunks
+//! in flight ([`crate::parallel`]), every range the top does not allocate but a layer above
+//! the base does, through the filter, so the data lands in the top image; guest writes
+//! through the filter are serialised against it.
 //! On success the filter goes, `device` backs onto the base (header rewritten), and the
 //! implicit nodes left without users are closed. Cancel and failure leave the chain as it
 //! was (data already copied stays in the top).
@@ -30,11 +31,12 @@ use strata_job::{
 
 use crate::chain::{
     OnStepError, arg_bool, arg_on_error, arg_speed, arg_str, backing_format, chain_contains,
-    chain_from, copy_loop, drop_unused_implicit, failure_text, filename_of, find_backing_image,
-    freeze_links, node_ref, not_found, pin, register_filter, release_pins, restore_ro, unfreeze,
+    chain_from, drop_unused_implicit, failure_text, filename_of, find_backing_image, freeze_links,
+    node_ref, not_found, pin, register_filter, release_pins, restore_ro, unfreeze,
     write_backing_header,
 };
 use crate::env::{BlockJobEnv, CmdError, SharedGraph, generic};
+use crate::parallel::parallel_copy_loop;
 
 /// How much one iteration of the copy loop looks at (QEMU's `STREAM_CHUNK`).
 pub const STREAM_CHUNK: u64 = 512 * 1024;
@@ -75,8 +77,8 @@ struct StreamJob {
 impl StreamJob {
     /// One iteration: how many bytes from `offset` were looked at, and whether they were
     /// copied.
-    async fn step(&self, offset: u64, len: u64) -> strata_core::Result<(u64, bool)> {
-        let n = STREAM_CHUNK.min(len - offset);
+    async fn step(&self, offset: u64, end: u64) -> strata_core::Result<(u64, bool)> {
+        let n = STREAM_CHUNK.min(end - offset);
         let ext = self.top.block_status(offset, n).await?;
         let n = ext.len.clamp(1, n);
         if ext.status.allocated || ext.status.data || ext.status.zero {
@@ -87,7 +89,7 @@ impl StreamJob {
         };
         if offset >= backing.size() {
             // Past the end of the backing file: nothing more to copy.
-            return Ok((len - offset, false));
+            return Ok((end - offset, false));
         }
         let below = block_status_above(&backing, self.base_node.as_ref(), offset, n).await?;
         let n = below.len.clamp(1, n);
@@ -135,7 +137,8 @@ impl JobDriver for StreamJob {
                     }
                 }
             };
-            copy_loop(&ctx, len, |offset| self.step(offset, len), on_error).await?;
+            let step = |offset, end| self.step(offset, end);
+            parallel_copy_loop(&ctx, len, STREAM_CHUNK, step, on_error).await?;
             match error {
                 Some(e) => Err(JobFailure::new(e)),
                 None => Ok(()),

@@ -112,6 +112,12 @@ impl JobContext {
         self.with(|_, e| e.is_force_cancelled()).unwrap_or(true)
     }
 
+    /// A pause is requested (pause count > 0): a job with I/O in flight should let it
+    /// finish and then reach a pause point.
+    pub fn pause_requested(&self) -> bool {
+        self.with(|_, e| e.pause_count > 0).unwrap_or(false)
+    }
+
     /// Resolves once any cancel is requested.
     pub async fn cancelled(&self) {
         loop {
