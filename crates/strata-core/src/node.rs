@@ -220,5 +220,28 @@ pub trait BlockNode: Send + Sync + fmt::Debug + Any {
     }
 
     /// For downcasting to a concrete driver (e.g. qcow2 for `check` and `info`).
+    /// Whether an overlay may remember where this node keeps its data (its block-status
+    /// answers, down to the host node) and read the host node directly. A node that says
+    /// yes announces every later change of that mapping (allocation, zeroing, discard, a
+    /// new backing link, resize, snapshot revert) with [`bump_mapping_epoch`]. Formats
+    /// whose mapping is their own say yes; filters say no, so reads still pass through them.
+    fn offer_mapping_cache(&self) -> bool {
+        false
+    }
+
     fn as_any(&self) -> &dyn Any;
+}
+
+/// Bumped whenever a node that offered its mapping to overlays changes it (see
+/// [`BlockNode::offer_mapping_cache`]); a remembered mapping is good while this is unchanged.
+static MAPPING_EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The current mapping epoch.
+pub fn mapping_epoch() -> u64 {
+    MAPPING_EPOCH.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Invalidate every remembered mapping.
+pub fn bump_mapping_epoch() {
+    MAPPING_EPOCH.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
 }

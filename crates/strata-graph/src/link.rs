@@ -55,11 +55,14 @@ impl Link {
     pub async fn retarget(&self, node: NodeRef) {
         let _drained = self.gate.write().await;
         *self.target.write() = node;
+        // Overlays may have remembered mappings that went through this link.
+        strata_core::node::bump_mapping_epoch();
     }
 
     /// Point the link at `node` inside a drained section the caller already holds.
     pub fn retarget_drained(&self, _drained: &Drained<'_>, node: NodeRef) {
         *self.target.write() = node;
+        strata_core::node::bump_mapping_epoch();
     }
 
     /// Whether `node` is a link (used to look through links for the driver behind them).
@@ -130,6 +133,10 @@ impl BlockNode for Link {
 
     fn backing(&self) -> Option<NodeRef> {
         self.target().backing()
+    }
+
+    fn offer_mapping_cache(&self) -> bool {
+        self.target().offer_mapping_cache()
     }
 
     fn file(&self) -> Option<NodeRef> {

@@ -254,6 +254,10 @@ impl BlockNode for GraphNode {
         self.driver.backing()
     }
 
+    fn offer_mapping_cache(&self) -> bool {
+        self.driver.offer_mapping_cache()
+    }
+
     fn file(&self) -> Option<NodeRef> {
         self.driver.file()
     }

@@ -114,11 +114,11 @@ impl Qcow2 {
             .debug_event(strata_core::DebugEvent::ReadBackingAio);
         let n = (bsize - guest).min(buf.len() as u64) as usize;
         if n == buf.len() {
-            return b.read(guest, buf).await;
+            return self.read_below(&b, guest, buf).await;
         }
         let mut tail = buf.split_off(n);
         tail.fill(0);
-        let mut head = b.read(guest, buf).await?;
+        let mut head = self.read_below(&b, guest, buf).await?;
         head.unsplit(tail);
         Ok(head)
     }

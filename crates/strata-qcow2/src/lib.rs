@@ -24,6 +24,7 @@
 mod amend;
 pub mod bitmap;
 mod cache;
+mod chain_cache;
 pub mod create;
 pub mod entry;
 pub mod header;

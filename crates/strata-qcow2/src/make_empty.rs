@@ -154,6 +154,7 @@ async fn rebuild_empty(m: &mut Meta) -> Result<u64> {
     rt[0] = 2 * cs;
     m.rt = rt;
     m.l1.iter_mut().for_each(|e| *e = 0);
+    m.mapping_changed();
     let end = (3 + l1_clusters) * cs;
     m.file_end = end;
     m.free_hint = 0;

@@ -126,6 +126,9 @@ pub(crate) struct Meta {
     pub free_byte_offset: u64,
     /// The header as last written, readable without the metadata lock.
     pub published: std::sync::Arc<std::sync::Mutex<Header>>,
+    /// An overlay caches where our clusters are: every mapping change must bump the
+    /// mapping epoch (see `chain_cache`).
+    pub mapping_watched: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn be_u64s(bytes: &[u8]) -> Vec<u64> {
@@ -140,6 +143,16 @@ fn u64s_be(v: &[u64]) -> Vec<u8> {
 }
 
 impl Meta {
+    /// Tell overlays that cache our mapping that it changed.
+    pub fn mapping_changed(&self) {
+        if self
+            .mapping_watched
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            strata_core::node::bump_mapping_epoch();
+        }
+    }
+
     /// Read `len` bytes at `offset` of the image file.
     pub async fn read_at(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
         let len = usize::try_from(len).map_err(|_| Error::invalid("metadata read too large"))?;
@@ -224,6 +237,7 @@ impl Meta {
 
     /// Set entry `idx` of the cached L2 table at `l2_off` (marks it dirty).
     pub fn set_slot(&mut self, l2_off: u64, idx: u64, s: Slot) {
+        self.mapping_changed();
         let k = if self.fmt.extended_l2 { 2 } else { 1 };
         let t = self.l2.get_mut(l2_off).expect("L2 table loaded");
         let i = (idx * k) as usize;

@@ -140,6 +140,10 @@ pub struct Qcow2 {
     pub(crate) settling: (AtomicUsize, Notify),
     /// Whether the image looks metadata-preallocated (see `metadata_prealloc`).
     pub(crate) metadata_prealloc: crate::metadata_prealloc::Detection,
+    /// Where reads below this image land (see `chain_cache`).
+    pub(crate) chain_cache: StdMutex<crate::chain_cache::ChainCache>,
+    /// An overlay caches our mapping: announce its changes (shared with `Meta`).
+    pub(crate) mapping_watched: Arc<AtomicBool>,
 }
 
 /// Read and parse the header of a qcow2 image (so a chain opener can learn the backing
@@ -278,6 +282,7 @@ impl Qcow2 {
             bitmap_areas: Vec::new(),
             free_byte_offset: 0,
             published: Arc::new(StdMutex::new(h.clone())),
+            mapping_watched: Arc::new(AtomicBool::new(false)),
             h,
         };
         if !read_only && meta.h.autoclear_features & !autoclear::MASK != 0 {
@@ -290,6 +295,7 @@ impl Qcow2 {
         let bitmaps = crate::bitmap::Bitmaps::open(&mut meta).await?;
         let size = meta.h.size;
         let published = meta.published.clone();
+        let mapping_watched = meta.mapping_watched.clone();
         Ok(Arc::new_cyclic(|me| Qcow2 {
             me: me.clone(),
             settling: (AtomicUsize::new(0), Notify::new()),
@@ -309,6 +315,8 @@ impl Qcow2 {
             snapshots: StdMutex::new(snapshots),
             bitmaps,
             metadata_prealloc: Default::default(),
+            chain_cache: StdMutex::default(),
+            mapping_watched,
         }))
     }
 
@@ -621,7 +629,20 @@ impl BlockNode for Qcow2 {
 
     fn set_backing_link(&self, backing: Option<NodeRef>) -> Result<()> {
         *self.backing.write().unwrap_or_else(|e| e.into_inner()) = backing;
+        self.forget_chain();
+        if self
+            .mapping_watched
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            strata_core::node::bump_mapping_epoch();
+        }
         Ok(())
+    }
+
+    fn offer_mapping_cache(&self) -> bool {
+        self.mapping_watched
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        true
     }
 
     fn file(&self) -> Option<NodeRef> {

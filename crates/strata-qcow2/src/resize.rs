@@ -43,6 +43,7 @@ impl Meta {
         self.write_header().await?;
         self.sync().await?;
         self.l1 = l1;
+        self.mapping_changed();
         if old_len > 0 {
             self.pending.push(PendingFree {
                 cluster: old_off / self.cs,
@@ -90,6 +91,7 @@ impl Qcow2 {
             m.write_header().await?;
             m.sync().await?;
             self.size.store(new_size, Ordering::Release);
+            m.mapping_changed();
             self.bitmaps.resized(new_size);
         }
         if let Some(df) = &self.data_file
@@ -139,6 +141,7 @@ impl Qcow2 {
         for l1i in keep..m.l1.len() as u64 {
             if let Some(off) = m.l2_offset(l1i)? {
                 m.l1[l1i as usize] = 0;
+                m.mapping_changed();
                 m.file
                     .debug_event(strata_core::DebugEvent::L1ShrinkWriteTable);
                 m.write_l1_entry(l1i).await?;
@@ -152,6 +155,7 @@ impl Qcow2 {
         m.write_header().await?;
         m.sync().await?;
         self.size.store(new_size, Ordering::Release);
+        m.mapping_changed();
         self.bitmaps.resized(new_size);
         drop(m);
         self.do_flush().await?;

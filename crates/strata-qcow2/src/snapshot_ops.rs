@@ -438,6 +438,7 @@ impl Qcow2 {
             // References and cleared COPIED flags durable before the table names them.
             flush_discard(m).await?;
             m.l1 = l1;
+            m.mapping_changed();
             m.write_l1().await?;
             m.sync().await?;
             let id = new_id(&snaps)?;
@@ -514,6 +515,7 @@ impl Qcow2 {
             let mut l1 = m.l1.clone();
             m.snapshot_pass(&mut l1, Pass::FixCopied).await?;
             m.l1 = l1;
+            m.mapping_changed();
             m.write_l1().await?;
             Ok(())
         })
@@ -548,6 +550,7 @@ impl Qcow2 {
             let mut l1 = m.l1.clone();
             m.snapshot_pass(&mut l1, Pass::FixCopied).await?;
             m.l1 = l1;
+            m.mapping_changed();
             m.write_l1().await?;
             Ok(())
         })

@@ -181,6 +181,12 @@ impl BlockNode for RawNode {
         self.file.flush()
     }
 
+    /// Bytes stay where the offset puts them; only a resize changes that (and bumps the
+    /// mapping epoch).
+    fn offer_mapping_cache(&self) -> bool {
+        true
+    }
+
     /// The file's status at the shifted offset (QEMU's `BDRV_BLOCK_RAW` recursion).
     fn block_status(&self, offset: u64, len: u64) -> BoxFuture<'_, Extent> {
         Box::pin(async move {
@@ -203,6 +209,7 @@ impl BlockNode for RawNode {
             let file_size = end_of(self.opts.offset, size, "resize")?;
             self.file.truncate(file_size, prealloc).await?;
             self.size.store(size, std::sync::atomic::Ordering::Release);
+            strata_core::node::bump_mapping_epoch();
             Ok(())
         })
     }
