@@ -25,9 +25,9 @@ use crate::node::Qcow2;
 /// layer that holds it: 64 Ki runs cover 4 GiB of 64 KiB clusters).
 const MAX_RUNS: usize = 1 << 16;
 
-/// How far one walk down the chain looks ahead of the read that asked: the layers answer
-/// for a long run as cheaply as for a short one, and sequential reads then walk rarely.
-const WALK_AHEAD: u64 = 8 << 20;
+/// One walk down the chain maps a whole aligned window of this size, so that random reads
+/// walk once per window rather than once per run (per-layer lookups are async calls).
+const WINDOW: u64 = 8 << 20;
 
 /// Where a run of guest bytes below this image reads from.
 #[derive(Debug, Clone)]
@@ -36,6 +36,19 @@ pub(crate) enum Target {
     Zero,
     /// The bytes at `offset` of `node` (a protocol node under the layer that holds them).
     Host { node: NodeRef, offset: u64 },
+}
+
+impl Target {
+    /// The same target `skip` bytes further on.
+    fn at(&self, skip: u64) -> Target {
+        match self {
+            Target::Zero => Target::Zero,
+            Target::Host { node, offset } => Target::Host {
+                node: node.clone(),
+                offset: offset + skip,
+            },
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -60,14 +73,7 @@ impl ChainCache {
         if guest >= *end {
             return None;
         }
-        let target = match target {
-            Target::Zero => Target::Zero,
-            Target::Host { node, offset } => Target::Host {
-                node: node.clone(),
-                offset: offset + (guest - start),
-            },
-        };
-        Some((end - guest, target))
+        Some((end - guest, target.at(guest - start)))
     }
 
     fn remember(&mut self, epoch: u64, guest: u64, len: u64, target: Target) {
@@ -111,7 +117,7 @@ impl Qcow2 {
             let found = self.chain_cache().lookup(pos);
             let found = match found {
                 Some(f) => Some(f),
-                None => self.walk_below(below, pos, want.max(WALK_AHEAD)).await?,
+                None => self.walk_below(below, pos).await?,
             };
             let Some((n, target)) = found else {
                 // Not cacheable: the ordinary read through the backing node.
@@ -130,53 +136,67 @@ impl Qcow2 {
         Ok(IoBuf::join(pieces))
     }
 
-    /// Walks the chain below for `[guest, guest + len)`: the length of the first run that
-    /// reads from one place, and that place; `None` if a layer does not offer its mapping
-    /// (a filter) or stores the run compressed.
-    async fn walk_below(
-        &self,
-        below: &NodeRef,
-        guest: u64,
-        len: u64,
-    ) -> Result<Option<(u64, Target)>> {
+    /// Maps the window of the chain below around `guest` (all of it, layer by layer, so one
+    /// walk serves every later read in the window), remembers what it found, and answers for
+    /// `guest`: how many bytes from there read from one place, and that place; `None` if the
+    /// run is not cacheable (a layer that does not offer its mapping, a compressed run).
+    async fn walk_below(&self, below: &NodeRef, guest: u64) -> Result<Option<(u64, Target)>> {
         let epoch = mapping_epoch();
-        let mut node = below.clone();
-        let mut len = len;
-        let target = loop {
-            // Offer first: from now on the node announces changes, so an answer it gives
-            // below is either current or out of date by the epoch read above.
+        let start = guest - guest % WINDOW;
+        let mut open = vec![(start, start + WINDOW)];
+        let mut found: Vec<(u64, u64, Target)> = Vec::new();
+        let mut layer = Some(below.clone());
+        while !open.is_empty() {
+            let Some(node) = layer.take() else {
+                found.extend(open.drain(..).map(|(a, b)| (a, b, Target::Zero)));
+                break;
+            };
+            // Offer first: from now on the node announces changes, so what it answers below
+            // is either current or out of date by the epoch read above.
             if !node.offer_mapping_cache() {
-                return Ok(None);
+                break; // what is still open stays uncached
             }
-            if guest >= node.size() {
-                break Target::Zero;
-            }
-            len = len.min(node.size() - guest);
-            let ext = node.block_status(guest, len).await?;
-            len = ext.len.clamp(1, len);
-            let s = ext.status;
-            if s.allocated || s.data || s.zero {
-                if s.compressed {
-                    return Ok(None);
+            let size = node.size();
+            let mut next = Vec::new();
+            for (a, b) in open.drain(..) {
+                if b > size {
+                    found.push((a.max(size), b, Target::Zero));
                 }
-                // A qcow2 zero cluster reads as zeroes whatever its host cluster holds; a
-                // raw layer's "zero" is only a hole in its file, which reads as zeroes too.
-                if s.zero && node.driver() == "qcow2" {
-                    break Target::Zero;
-                }
-                match (ext.host_node, s.host_offset) {
-                    (Some(host), Some(offset)) => break Target::Host { node: host, offset },
-                    _ if s.zero => break Target::Zero,
-                    _ => return Ok(None),
+                let mut pos = a;
+                while pos < b.min(size) {
+                    let ext = node.block_status(pos, b.min(size) - pos).await?;
+                    let n = ext.len.clamp(1, b.min(size) - pos);
+                    let st = ext.status;
+                    if !(st.allocated || st.data || st.zero) {
+                        match next.last_mut() {
+                            Some((_, e)) if *e == pos => *e = pos + n,
+                            _ => next.push((pos, pos + n)),
+                        }
+                    } else if st.compressed {
+                        // No linear host offset: left to the ordinary read.
+                    } else if st.zero && node.driver() == "qcow2" {
+                        // A qcow2 zero cluster reads as zeroes whatever its host cluster
+                        // holds (a raw layer's "zero" is a hole, read from the host below).
+                        found.push((pos, pos + n, Target::Zero));
+                    } else if let (Some(host), Some(offset)) = (ext.host_node, st.host_offset) {
+                        found.push((pos, pos + n, Target::Host { node: host, offset }));
+                    } else if st.zero {
+                        found.push((pos, pos + n, Target::Zero));
+                    }
+                    pos += n;
                 }
             }
-            match node.backing() {
-                Some(b) => node = b,
-                None => break Target::Zero,
+            open = next;
+            layer = node.backing();
+        }
+        let mut cache = self.chain_cache();
+        let mut answer = None;
+        for (a, b, target) in found {
+            if (a..b).contains(&guest) {
+                answer = Some((b - guest, target.at(guest - a)));
             }
-        };
-        self.chain_cache()
-            .remember(epoch, guest, len, target.clone());
-        Ok(Some((len, target)))
+            cache.remember(epoch, a, b - a, target);
+        }
+        Ok(answer)
     }
 }
