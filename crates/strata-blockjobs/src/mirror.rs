@@ -6,6 +6,11 @@
 //! the rest and pivots: every parent of the source (or of `replaces`) switches to the target.
 //! A soft cancel in READY finishes the sync without pivoting (BLOCK_JOB_COMPLETED).
 //!
+//! `copy-mode: auto` (a Strata extension) starts in background mode and switches to
+//! write-blocking once the bytes still to copy stop reaching new lows for [`AUTO_STALL`]:
+//! background copying alone never converges under a writer faster than the copy, active
+//! mirroring always does.
+//!
 //! Active commit is the same machinery with the target being the base of the top's chain
 //! (job type `commit`, sync top, both error directions from `on-error`).
 
@@ -38,6 +43,9 @@ const MAX_IN_FLIGHT: usize = 16;
 const MAX_IO_BYTES: u64 = 1 << 20;
 /// Default `buf-size`.
 const DEFAULT_BUF_SIZE: u64 = 16 << 20;
+/// `copy-mode: auto` switches to write-blocking when the bytes left to copy have not
+/// reached a new low for this long (several copy operations' worth at any copy speed).
+pub const AUTO_STALL: Duration = Duration::from_secs(1);
 
 /// `MirrorSyncMode` values mirror accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +65,8 @@ pub enum CopyMode {
     Background,
     /// Also write guest writes to the target before they complete.
     WriteBlocking,
+    /// Background until the copy stops converging, then write-blocking (Strata).
+    Auto,
 }
 
 impl CopyMode {
@@ -64,6 +74,7 @@ impl CopyMode {
         match s {
             "background" => Some(CopyMode::Background),
             "write-blocking" => Some(CopyMode::WriteBlocking),
+            "auto" => Some(CopyMode::Auto),
             _ => None,
         }
     }
@@ -72,6 +83,7 @@ impl CopyMode {
         match self {
             CopyMode::Background => "background",
             CopyMode::WriteBlocking => "write-blocking",
+            CopyMode::Auto => "auto",
         }
     }
 }
@@ -378,6 +390,7 @@ async fn start(env: &BlockJobEnv, p: Params) -> Result<(), CmdError> {
         copy_bytes_in_flight: AtomicU64::new(0),
         active_bytes_in_flight: AtomicU64::new(0),
         changed: tokio::sync::Notify::new(),
+        range_freed: tokio::sync::Notify::new(),
         write_blocking: AtomicBool::new(p.copy_mode == CopyMode::WriteBlocking),
         actively_synced: AtomicBool::new(false),
         stopped: AtomicBool::new(false),
@@ -388,6 +401,10 @@ async fn start(env: &BlockJobEnv, p: Params) -> Result<(), CmdError> {
         drained: Mutex::new(None),
         ctx: Mutex::new(None),
         on_target_error: p.on_target_error,
+        dirtied_bytes: AtomicU64::new(0),
+        copied_bytes: AtomicU64::new(0),
+        ready: AtomicBool::new(false),
+        meters: Mutex::new(Default::default()),
     });
     let base_chain = if commit {
         Some(tgt_node.clone())
@@ -600,6 +617,32 @@ struct MirrorJob {
     cleaned: AtomicBool,
 }
 
+/// `copy-mode: auto`'s decision: switch once the bytes left to copy stop reaching new lows.
+struct AutoSwitch {
+    best: u64,
+    best_at: std::time::Instant,
+}
+
+impl AutoSwitch {
+    fn new() -> AutoSwitch {
+        AutoSwitch {
+            best: u64::MAX,
+            best_at: std::time::Instant::now(),
+        }
+    }
+
+    /// Feeds the bytes left to copy now; true when it is time for write-blocking.
+    fn should_switch(&mut self, remaining: u64) -> bool {
+        let now = std::time::Instant::now();
+        if remaining < self.best || remaining == 0 {
+            self.best = remaining;
+            self.best_at = now;
+            return false;
+        }
+        now.duration_since(self.best_at) >= AUTO_STALL
+    }
+}
+
 /// How one copy operation ended.
 struct OpDone {
     off: u64,
@@ -738,6 +781,8 @@ impl MirrorJob {
         }
         if result.is_err() {
             st.dirty.lock().set_range(off, len);
+        } else {
+            st.copied_bytes.fetch_add(len, Ordering::Relaxed);
         }
         st.copy_bytes_in_flight.fetch_sub(len, Ordering::Relaxed);
         st.release_range(off, a_end);
@@ -760,6 +805,7 @@ impl MirrorJob {
         let mut cursor = 0u64;
         let mut ready = false;
         let mut failure: Option<String> = None;
+        let mut auto = (self.p.copy_mode == CopyMode::Auto).then(AutoSwitch::new);
         loop {
             if ctx.is_force_cancelled() {
                 break;
@@ -778,6 +824,13 @@ impl MirrorJob {
                 break;
             }
             st.update_progress();
+            st.sample_meters();
+            if let Some(a) = &mut auto
+                && a.should_switch(st.remaining())
+            {
+                st.write_blocking.store(true, Ordering::Release);
+                auto = None;
+            }
             let in_flight_bytes = st.copy_bytes_in_flight.load(Ordering::Relaxed);
             let dirty = st.dirty.lock().count();
             // Start another copy operation when there is room.
@@ -797,13 +850,17 @@ impl MirrorJob {
                     continue;
                 }
             }
-            if dirty == 0 && ops.is_empty() && st.in_flight.lock().is_empty() {
+            // Active writes in flight do not hold READY back (the guest waits for their
+            // target half); under a busy guest there nearly always is one. The final sync
+            // below waits for them behind the drain gate.
+            if dirty == 0 && ops.is_empty() {
                 if !ready {
                     if let Err(e) = st.target.flush().await {
                         self.handle(ctx, IoOperation::Write, e.kind().errno(), &mut failure);
                         continue;
                     }
                     ready = true;
+                    st.ready.store(true, Ordering::Release);
                     if st.write_blocking.load(Ordering::Acquire) {
                         st.actively_synced.store(true, Ordering::Release);
                     }
@@ -1054,6 +1111,8 @@ impl JobDriver for MirrorJob {
         };
         let cur = if self.state.write_blocking.load(Ordering::Acquire) {
             CopyMode::WriteBlocking
+        } else if self.p.copy_mode == CopyMode::Auto {
+            CopyMode::Auto
         } else {
             CopyMode::Background
         };
@@ -1075,10 +1134,41 @@ impl JobDriver for MirrorJob {
             Ok(_) => Ok(()),
             Err(_) => Err(format!(
                 "Expected current copy mode '{}', got '{}'",
-                CopyMode::Background.as_str(),
+                cur.as_str(),
                 CopyMode::WriteBlocking.as_str()
             )),
         }
+    }
+
+    fn extension_info(&self) -> Map<String, Value> {
+        let st = &self.state;
+        st.sample_meters();
+        let ready = st.ready.load(Ordering::Acquire);
+        let completing = st.ctx.lock().as_ref().is_some_and(|c| c.is_completing());
+        let phase = if completing {
+            "completing"
+        } else if ready {
+            "synced"
+        } else if st.write_blocking.load(Ordering::Acquire) {
+            "active"
+        } else {
+            "bulk"
+        };
+        let m = st.meters.lock();
+        let convergence = if ready {
+            "converged"
+        } else {
+            match m.remaining.slope() {
+                Some(s) if s >= 0.0 => "diverging",
+                _ => "converging",
+            }
+        };
+        let mut out = Map::new();
+        out.insert("phase".into(), json!(phase));
+        out.insert("dirty-rate".into(), json!(m.dirtied.rate()));
+        out.insert("copy-rate".into(), json!(m.copied.rate()));
+        out.insert("convergence".into(), json!(convergence));
+        out
     }
 
     fn extra_info(&self) -> Map<String, Value> {

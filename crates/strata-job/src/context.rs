@@ -280,7 +280,10 @@ impl JobContext {
 
     /// Records `done` more units of work (`current-progress`, `offset`; monotonic).
     pub fn progress_update(&self, done: u64) {
-        self.with(|_, e| e.current = e.current.saturating_add(done));
+        self.with(|_, e| {
+            e.current = e.current.saturating_add(done);
+            e.meter.record(Instant::now(), e.current);
+        });
     }
 
     /// `(current, total)` progress.
@@ -310,17 +313,16 @@ impl JobContext {
             }
             sh.transition(e, JobStatus::Ready);
             if e.is_block() {
-                sh.emit(
-                    events::BLOCK_JOB_READY,
-                    events::block_job_progress(
-                        e.handle.job_type,
-                        &e.handle.id,
-                        e.total,
-                        e.current,
-                        e.speed,
-                        None,
-                    ),
+                let data = events::block_job_progress(
+                    e.handle.job_type,
+                    &e.handle.id,
+                    e.total,
+                    e.current,
+                    e.speed,
+                    None,
                 );
+                let data = sh.progress_data(e, data);
+                sh.emit(events::BLOCK_JOB_READY, data);
             }
         });
     }

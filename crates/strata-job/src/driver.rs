@@ -100,4 +100,12 @@ pub trait JobDriver: Send + Sync + 'static {
     fn extra_info(&self) -> Map<String, Value> {
         Map::new()
     }
+
+    /// Strata's extension members for `query-jobs`/`query-block-jobs` (docs/EXTENSIONS.md):
+    /// a job may give its own `phase` (used while RUNNING or READY) and type-specific
+    /// members such as mirror's `dirty-rate`, `copy-rate` and `convergence`. Called
+    /// without the manager's lock held.
+    fn extension_info(&self) -> Map<String, Value> {
+        Map::new()
+    }
 }

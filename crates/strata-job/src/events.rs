@@ -106,6 +106,18 @@ pub fn block_job_progress(
     ordered(m)
 }
 
+/// `data` (an event's data object) with Strata's extension members `ext` appended after
+/// QEMU's members (docs/EXTENSIONS.md).
+pub fn with_extensions(data: Value, ext: Map<String, Value>) -> Value {
+    match data {
+        Value::Object(mut m) => {
+            m.extend(ext);
+            Value::Object(m)
+        }
+        other => other,
+    }
+}
+
 /// `BLOCK_JOB_PENDING` data: `{"type", "id"}`.
 pub fn block_job_pending(job_type: JobType, id: &str) -> Value {
     ordered(object(json!({"type": job_type.as_str(), "id": id})))

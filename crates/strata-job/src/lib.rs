@@ -15,6 +15,7 @@
 //! | `context` | `JobContext`, what a running job calls |
 //! | `manager` | `JobManager`: create/start, verbs, queries, shutdown |
 //! | `txn` | completion, transactions, finalization (`TxnId`) |
+//! | [`meter`] | `Meter`: the slope of a value over a sliding window (job rates) |
 //! | `state`, `info` | locked state primitives; JobInfo/BlockJobInfo builders |
 
 #![warn(missing_docs)]
@@ -25,6 +26,7 @@ pub mod error_policy;
 pub mod events;
 mod info;
 mod manager;
+pub mod meter;
 pub mod qdict;
 pub mod ratelimit;
 mod state;

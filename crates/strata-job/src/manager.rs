@@ -11,7 +11,7 @@ use crate::state::{JobEntry, JobHandle, Shared, State};
 use crate::status::{JobStatus, JobVerb, verb_allowed};
 use crate::txn::TxnId;
 use parking_lot::Mutex;
-use serde_json::Value;
+use serde_json::{Map, Value};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::Notify;
@@ -152,8 +152,19 @@ impl JobManager {
                 state: Mutex::new(State::default()),
                 events,
                 changed: Notify::new(),
+                extensions: Default::default(),
             }),
         }
+    }
+
+    /// Add Strata's extension members (docs/EXTENSIONS.md) to `query-jobs`,
+    /// `query-block-jobs`, and BLOCK_JOB_READY/COMPLETED/CANCELLED (`rate`, `remaining`,
+    /// `eta-ms`, `phase`, and the job's own such as mirror's `dirty-rate`). Off by default:
+    /// replies and events are then exactly qemu-storage-daemon's.
+    pub fn set_extensions(&self, on: bool) {
+        self.shared
+            .extensions
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// A new grouped transaction (`completion-mode: grouped`) to pass in
@@ -219,6 +230,7 @@ impl JobManager {
             auto_dismiss: opts.auto_dismiss,
             txn,
             started_at: None,
+            meter: crate::meter::Meter::default(),
         };
         sh.transition(&mut e, JobStatus::Created);
         st.jobs.insert(0, e);
@@ -246,6 +258,7 @@ impl JobManager {
             e.busy = true;
             e.paused = false;
             e.started_at = Some(Instant::now());
+            e.meter.record(Instant::now(), e.current);
             sh.transition(e, JobStatus::Running);
             (e.handle.clone(), e.driver.clone())
         };
@@ -534,8 +547,15 @@ impl JobManager {
 
     /// `query-jobs`: JobInfo for every job, newest first.
     pub fn query_jobs(&self) -> Vec<Value> {
-        let st = self.shared.state.lock();
-        st.jobs.iter().map(info::job_info).collect()
+        let exts = self.driver_extensions();
+        let mut st = self.shared.state.lock();
+        exts.into_iter()
+            .filter_map(|(k, x)| {
+                let e = st.get_mut(k)?;
+                let ext = self.shared.extensions_of(e, x);
+                Some(info::job_info(e, ext))
+            })
+            .collect()
     }
 
     /// `query-block-jobs`: BlockJobInfo (with the driver's extra members) for every
@@ -551,12 +571,32 @@ impl JobManager {
         };
         let extras: Vec<_> = drivers
             .into_iter()
-            .map(|(k, d)| (k, d.extra_info()))
+            .map(|(k, d)| (k, d.extra_info(), self.shared.driver_extension_info(&*d)))
             .collect();
-        let st = self.shared.state.lock();
+        let mut st = self.shared.state.lock();
         extras
             .into_iter()
-            .filter_map(|(k, extra)| st.get(k).map(|e| info::block_job_info(e, extra)))
+            .filter_map(|(k, extra, x)| {
+                let e = st.get_mut(k)?;
+                let ext = self.shared.extensions_of(e, x);
+                Some(info::block_job_info(e, extra, ext))
+            })
+            .collect()
+    }
+
+    /// Every job's driver extension members, newest first (asked without the lock held:
+    /// drivers may take their own locks).
+    fn driver_extensions(&self) -> Vec<(u64, Map<String, Value>)> {
+        let drivers: Vec<_> = {
+            let st = self.shared.state.lock();
+            st.jobs
+                .iter()
+                .map(|e| (e.handle.key, e.driver.clone()))
+                .collect()
+        };
+        drivers
+            .into_iter()
+            .map(|(k, d)| (k, self.shared.driver_extension_info(&*d)))
             .collect()
     }
 

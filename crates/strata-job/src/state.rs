@@ -8,7 +8,7 @@ use crate::events::{self, EventSink};
 use crate::ratelimit::RateLimit;
 use crate::status::{JobStatus, JobType, can_transition};
 use parking_lot::Mutex;
-use serde_json::Value;
+use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -20,6 +20,8 @@ pub(crate) struct Shared {
     pub(crate) events: Arc<dyn EventSink>,
     /// Notified (all waiters) on every status change and removal.
     pub(crate) changed: Notify,
+    /// Add Strata's extension members to queries and progress events.
+    pub(crate) extensions: std::sync::atomic::AtomicBool,
 }
 
 /// The per-job identity shared with its context (no back reference into the state).
@@ -65,6 +67,8 @@ pub(crate) struct JobEntry {
     pub(crate) auto_dismiss: bool,
     pub(crate) txn: u64,
     pub(crate) started_at: Option<Instant>,
+    /// `current` over the last seconds (the `rate` extension field).
+    pub(crate) meter: crate::meter::Meter,
 }
 
 /// One job transaction; members newest first (QEMU inserts at the head).
@@ -139,6 +143,42 @@ impl JobEntry {
 }
 
 impl Shared {
+    fn extensions_on(&self) -> bool {
+        self.extensions.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A progress event's data, with the extension members when they are enabled.
+    pub(crate) fn progress_data(&self, e: &mut JobEntry, data: Value) -> Value {
+        if self.extensions_on() {
+            let ext = crate::info::extensions(e, serde_json::Map::new());
+            events::with_extensions(data, ext)
+        } else {
+            data
+        }
+    }
+
+    /// The driver's extension members, when extensions are enabled (asked without the lock).
+    pub(crate) fn driver_extension_info(&self, d: &dyn JobDriver) -> Map<String, Value> {
+        if self.extensions_on() {
+            d.extension_info()
+        } else {
+            Map::new()
+        }
+    }
+
+    /// All extension members of `e` for a query, when extensions are enabled.
+    pub(crate) fn extensions_of(
+        &self,
+        e: &mut JobEntry,
+        driver: Map<String, Value>,
+    ) -> Map<String, Value> {
+        if self.extensions_on() {
+            crate::info::extensions(e, driver)
+        } else {
+            Map::new()
+        }
+    }
+
     pub(crate) fn emit(&self, event: &'static str, data: Value) {
         self.events.emit(event, data);
     }

@@ -216,6 +216,7 @@ impl Shared {
                 e.speed,
                 error,
             );
+            let data = self.progress_data(e, data);
             self.emit(name, data);
         }
         let txn = e.txn;

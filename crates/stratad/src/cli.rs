@@ -73,6 +73,9 @@ Strata storage daemon: a drop-in replacement for qemu-storage-daemon
                          export the specified block node over NBD
                          (requires --nbd-server)
 
+  --metrics <host>:<port>
+                         serve Prometheus metrics on GET /metrics (Strata)
+
   --monitor [chardev=]name[,mode=control][,pretty[=on|off]]
                          configure a QMP monitor
 
@@ -99,6 +102,7 @@ const LONG: &[(&str, bool)] = &[
     ("daemonize", false),
     ("export", true),
     ("help", false),
+    ("metrics", true),
     ("monitor", true),
     ("nbd-server", true),
     ("object", true),
@@ -106,6 +110,10 @@ const LONG: &[(&str, bool)] = &[
     ("trace", true),
     ("version", false),
 ];
+
+/// Strata's own long options: accepted only when spelt out, so every abbreviation keeps
+/// meaning what it means to qemu-storage-daemon (`--m` is still `--monitor`).
+const STRATA_ONLY: &[&str] = &["metrics"];
 
 /// A pass-1 error: a getopt message (`unrecognized option '--x'`), printed after `argv[0]`
 /// as given (getopt's format, not QEMU's).
@@ -133,8 +141,10 @@ pub fn parse(args: &[String]) -> Result<Parsed, CliError> {
                 None => (rest, None),
             };
             let exact = LONG.iter().find(|(n, _)| *n == name);
-            let cands: Vec<&(&str, bool)> =
-                LONG.iter().filter(|(n, _)| n.starts_with(name)).collect();
+            let cands: Vec<&(&str, bool)> = LONG
+                .iter()
+                .filter(|(n, _)| n.starts_with(name) && !STRATA_ONLY.contains(n))
+                .collect();
             let Some(&(full, has_arg)) = exact.or(if cands.len() == 1 {
                 Some(cands[0])
             } else {
@@ -369,6 +379,7 @@ async fn step(
             let mut g = d.env.graph.lock().await;
             strata_graph::blockdev::blockdev_add(&mut g, &objects, &a).await?;
         }
+        "--metrics" => crate::metrics::start(d, arg).await?,
         "--object" => {
             let a = option_args("object-add", arg, Some("qom-type"))?;
             crate::commands::objects::add(d, &a).map_err(|e| e.desc)?;

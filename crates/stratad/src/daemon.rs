@@ -72,6 +72,8 @@ impl Daemon {
     pub fn new() -> Arc<Daemon> {
         let events = Arc::new(EventBus::new());
         let jobs = Arc::new(JobManager::new(Arc::new(BusSink(events.clone()))));
+        // Strata's job fields (docs/EXTENSIONS.md): additive members clients may ignore.
+        jobs.set_extensions(true);
         let mut objects = Objects::default();
         // Protocol drivers the graph crate does not know itself.
         objects

@@ -5,6 +5,7 @@ mod cli;
 mod commands;
 mod daemon;
 mod exports;
+mod metrics;
 mod monitor;
 
 use std::process::ExitCode;

@@ -2,6 +2,11 @@
 //! every write through it marks the job's dirty bitmap, or — in write-blocking mode — is
 //! also written to the target before it completes ("active mirroring").
 //!
+//! In write-blocking mode a data write goes to the source and the target at the same time
+//! (the target gets a copy of the buffer): the guest waits for the slower of the two, not
+//! for their sum. Only writes overlapping a range with a copy operation in flight wait
+//! for it first.
+//!
 //! The filter also carries the job's *drain gate*: every request holds it shared, and the
 //! job takes it exclusively for the final synchronisation, so no guest write slips in
 //! between the last copy and the pivot (QEMU keeps the source drained for that span).
@@ -17,6 +22,7 @@ use strata_graph::Link;
 use strata_graph::forward_to_child;
 use strata_job::JobContext;
 use strata_job::error_policy::{ErrorAction, IoOperation, OnError};
+use strata_job::meter::Meter;
 use tokio::sync::{Notify, OwnedRwLockWriteGuard, RwLock};
 
 /// State shared by the job's copy loop and its filter.
@@ -32,8 +38,11 @@ pub(crate) struct MirrorState {
     pub copy_bytes_in_flight: AtomicU64,
     /// Bytes of active (write-blocking) target writes in flight.
     pub active_bytes_in_flight: AtomicU64,
-    /// Signalled when an in-flight range ends or new data gets dirty.
+    /// Signalled when new data gets dirty (wakes the copy loop).
     pub changed: Notify,
+    /// Signalled when an in-flight range ends (wakes writes waiting for it). Apart from
+    /// `changed` so a busy guest does not wake the copy loop on every write.
+    pub range_freed: Notify,
     /// Copy mode write-blocking.
     pub write_blocking: AtomicBool,
     /// Target known to be in sync and kept in sync by active writes.
@@ -54,13 +63,32 @@ pub(crate) struct MirrorState {
     pub ctx: Mutex<Option<JobContext>>,
     /// Error policy for target writes.
     pub on_target_error: OnError,
+    /// Bytes newly marked dirty by writes through the filter (the work guests create).
+    pub dirtied_bytes: AtomicU64,
+    /// Bytes written to the target, by copy operations and active writes alike.
+    pub copied_bytes: AtomicU64,
+    /// The job has been READY (it stays mirroring afterwards).
+    pub ready: AtomicBool,
+    /// Rates behind the `dirty-rate`, `copy-rate` and `convergence` extension members.
+    pub meters: Mutex<MirrorMeters>,
+}
+
+/// Sliding-window meters of a mirror job (see [`Meter`]).
+#[derive(Default)]
+pub(crate) struct MirrorMeters {
+    /// Of `dirtied_bytes`.
+    pub dirtied: Meter,
+    /// Of `copied_bytes`.
+    pub copied: Meter,
+    /// Of the bytes still to copy (dirty + in flight): falling means converging.
+    pub remaining: Meter,
 }
 
 impl MirrorState {
     /// Register `[off, end)` once no in-flight range overlaps it.
     pub(crate) async fn acquire_range(&self, off: u64, end: u64) {
         loop {
-            let notified = self.changed.notified();
+            let notified = self.range_freed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             {
@@ -80,12 +108,35 @@ impl MirrorState {
             f.swap_remove(i);
         }
         drop(f);
-        self.changed.notify_waiters();
+        self.range_freed.notify_waiters();
     }
 
     pub(crate) fn mark_dirty(&self, off: u64, len: u64) {
-        self.dirty.lock().set_range(off, len);
+        {
+            let mut d = self.dirty.lock();
+            let before = d.count();
+            d.set_range(off, len);
+            let new = d.count().saturating_sub(before);
+            self.dirtied_bytes.fetch_add(new, Ordering::Relaxed);
+        }
         self.changed.notify_waiters();
+    }
+
+    /// Bytes still to copy: dirty, or in flight in a background copy operation.
+    pub(crate) fn remaining(&self) -> u64 {
+        self.dirty.lock().count() + self.copy_bytes_in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Samples the meters (cheap; called every copy-loop turn and every query).
+    pub(crate) fn sample_meters(&self) {
+        let now = std::time::Instant::now();
+        let remaining = self.remaining();
+        let mut m = self.meters.lock();
+        m.dirtied
+            .record(now, self.dirtied_bytes.load(Ordering::Relaxed));
+        m.copied
+            .record(now, self.copied_bytes.load(Ordering::Relaxed));
+        m.remaining.record(now, remaining);
     }
 
     /// total = done + dirty + in flight.
@@ -144,13 +195,10 @@ impl MirrorState {
             if inner_end > inner_off {
                 d.clear_range(inner_off, inner_end - inner_off);
             }
-            // Partly written granules stay dirty: the background copy finishes them.
-            if offset < inner_off.min(end) {
-                d.set_range(offset, 1);
-            }
-            if inner_end < end && inner_end >= inner_off {
-                d.set_range(inner_end, 1);
-            }
+            // Partly written granules keep their bit: the target takes exactly the bytes the
+            // source takes, so a clean granule stays in sync and a dirty one still needs the
+            // background copy. (Marking them dirty would turn every 4 KiB guest write into
+            // a granule of background work and keep a busy disk from ever converging.)
         }
         self.active_bytes_in_flight
             .fetch_add(len, Ordering::Relaxed);
@@ -173,6 +221,7 @@ impl MirrorState {
             .fetch_sub(len, Ordering::Relaxed);
         match res {
             Ok(()) => {
+                self.copied_bytes.fetch_add(len, Ordering::Relaxed);
                 if let Some(c) = &ctx {
                     c.progress_update(len);
                 }
@@ -191,7 +240,6 @@ impl MirrorState {
             }
         }
         self.update_progress();
-        self.changed.notify_waiters();
         // A guest write completes with the source's result; a copy that failed only costs
         // the job its sync (and, with `report`, the job itself).
         Ok(buf)
@@ -262,15 +310,19 @@ impl MirrorTop {
                 .next_multiple_of(g)
                 .min(size.next_multiple_of(g));
             s.acquire_range(a_off, a_end).await;
-            let r = match self.below().write(offset, buf, flags).await {
-                Ok(b) => {
-                    s.sync_target(offset, len, WriteOp::Write(flags), Some(b))
-                        .await
-                }
-                Err(e) => Err(e),
-            };
+            // The source and the target take the write at the same time; the guest gets
+            // the source's result. If the source fails, whatever the target took is
+            // overwritten from the source later (the range is dirty again).
+            let copy = IoBuf::from_slice(&buf);
+            let (r, _) = tokio::join!(
+                self.below().write(offset, buf, flags),
+                s.sync_target(offset, len, WriteOp::Write(flags), Some(copy)),
+            );
+            if r.is_err() {
+                s.mark_dirty(offset, len);
+            }
             s.release_range(a_off, a_end);
-            return r.map(|b| b.expect("buffer"));
+            return r;
         }
         let r = self.below().write(offset, buf, flags).await;
         self.after_write(offset, len);

@@ -116,7 +116,51 @@ fn text(v: &Value, k: &str) -> String {
         .to_string()
 }
 
-/// One line per job: id, type, status, progress.
+/// `n` bytes in binary units (`12.0 MiB`).
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Strata's extension members of a job (docs/EXTENSIONS.md), when the daemon sends them:
+/// phase, rate, ETA, and for a mirror the dirty rate against the copy rate and the verdict.
+/// Empty for qemu-storage-daemon.
+fn live(job: &Value) -> String {
+    let mut out = Vec::new();
+    if let Some(p) = job.get("phase").and_then(Value::as_str) {
+        out.push(p.to_string());
+    }
+    if let Some(r) = job.get("rate").and_then(Value::as_u64) {
+        out.push(format!("{}/s", bytes(r)));
+    }
+    match job.get("eta-ms").and_then(Value::as_u64) {
+        Some(ms) => out.push(format!("eta {:.1}s", ms as f64 / 1000.0)),
+        None if job.get("rate").is_some() => out.push("eta ?".to_string()),
+        None => {}
+    }
+    if let (Some(d), Some(c)) = (
+        job.get("dirty-rate").and_then(Value::as_u64),
+        job.get("copy-rate").and_then(Value::as_u64),
+    ) {
+        out.push(format!("dirty {}/s vs copy {}/s", bytes(d), bytes(c)));
+    }
+    if let Some(v) = job.get("convergence").and_then(Value::as_str) {
+        out.push(v.to_string());
+    }
+    out.join("  ")
+}
+
+/// One line per job: id, type, status, progress, then the live figures if any.
 fn render(job: &Value) -> String {
     let (cur, total) = (num(job, "current-progress"), num(job, "total-progress"));
     let pct = if total == 0 {
@@ -131,6 +175,11 @@ fn render(job: &Value) -> String {
         text(job, "status"),
         pct
     );
+    let extra = live(job);
+    if !extra.is_empty() {
+        line.push_str("  ");
+        line.push_str(&extra);
+    }
     if let Some(e) = job.get("error").and_then(Value::as_str) {
         line.push_str(&format!("  error: {e}"));
     }
@@ -139,9 +188,11 @@ fn render(job: &Value) -> String {
 
 fn watch(q: &mut Qmp) -> Result<(), Fail> {
     let multi = MultiProgress::new();
-    let style = ProgressStyle::with_template("{prefix:16} {msg:10} [{bar:30}] {percent:>3}% {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-        .map_err(|e| Fail::msg(e.to_string()))?
-        .progress_chars("=> ");
+    let style = ProgressStyle::with_template(
+        "{prefix:16} [{bar:30}] {percent:>3}% {bytes}/{total_bytes} {msg}",
+    )
+    .map_err(|e| Fail::msg(e.to_string()))?
+    .progress_chars("=> ");
     let mut bars: Vec<(String, ProgressBar)> = Vec::new();
     let started = Instant::now();
     loop {
@@ -163,7 +214,13 @@ fn watch(q: &mut Qmp) -> Result<(), Fail> {
             };
             bar.set_length(num(j, "total-progress"));
             bar.set_position(num(j, "current-progress"));
-            bar.set_message(text(j, "status"));
+            // The daemon's own rate and ETA when it sends them (stratad), else indicatif's.
+            let extra = live(j);
+            bar.set_message(if extra.is_empty() {
+                format!("{}  {}/s", text(j, "status"), bytes(bar.per_sec() as u64))
+            } else {
+                format!("{}  {extra}", text(j, "status"))
+            });
         }
         for (id, b) in &bars {
             if !jobs.iter().any(|j| text(j, "id") == *id) && !b.is_finished() {
@@ -215,5 +272,31 @@ pub fn run(a: Args) -> CmdResult {
             "block-job-set-speed",
             json!({"device": id, "speed": speed}),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_show_the_extension_members_when_present() {
+        let qsd = json!({"id": "m", "type": "mirror", "status": "running",
+                         "current-progress": 1, "total-progress": 4});
+        assert_eq!(
+            render(&qsd),
+            "m                mirror   running     25.00% (1/4)"
+        );
+        let strata = json!({"id": "m", "type": "mirror", "status": "running",
+            "current-progress": 1, "total-progress": 4, "rate": 3 << 20, "remaining": 3,
+            "eta-ms": 1500, "phase": "bulk", "dirty-rate": 512, "copy-rate": 3 << 20,
+            "convergence": "converging"});
+        assert_eq!(
+            live(&strata),
+            "bulk  3.0 MiB/s  eta 1.5s  dirty 512 B/s vs copy 3.0 MiB/s  converging"
+        );
+        assert!(render(&strata).ends_with(&live(&strata)));
+        let stalled = json!({"rate": 0, "phase": "running"});
+        assert_eq!(live(&stalled), "running  0 B/s  eta ?");
     }
 }
