@@ -12,6 +12,31 @@
 //! every user of the filter (the overlay of `top`) now uses the base, the overlay's header
 //! names the base, and the implicit nodes left without users are closed; a read-only base is
 //! reopened read-write for the job and put back afterwards.
+//!
+//! ## Safe commit (`x-safe: true`, a Strata extension)
+//!
+//! A plain commit overwrites the base, so every image that still reads through it (the ones
+//! between `top` and the base, which drop out of the chain but stay on disk) stops being a
+//! valid delta of its backing file, and a commit stopped midway leaves even `top`'s chain
+//! showing a mix. With `x-safe`, before a range of the base is written, the base's current
+//! data for every part of that range that the image directly above the base (`B+1`, the
+//! lowest non-filter node of the intermediates) does not allocate itself is copied up into
+//! `B+1`, and `B+1` is flushed. The invariant, true before and after every step, after a
+//! cancel, an I/O error or a crash:
+//!
+//! > for every offset the base has been (or is being) changed at, `B+1` allocates that
+//! > offset itself, holding what the base showed there before the job started.
+//!
+//! So `B+1`'s view never depends on the changed parts of the base, and every image above
+//! `B+1` (which reads the base only through `B+1`) keeps its original guest view too. A
+//! copy-up writes what `B+1` already showed, so it needs only `write unchanged` on `B+1`,
+//! which the job's own `intermediate node` pins share. A retried step skips what `B+1`
+//! already allocates, so a base range half-written by a failed step is never copied up.
+//! When `B+1` is `top` itself (`top` directly above the base) nothing is ever copied up:
+//! the job writes into the base only ranges `top` allocates. An active commit (the mirror
+//! machinery) accepts `x-safe` only in that case, for the same reason: the mirror writes into
+//! the base only what `top` allocates or what the base already holds, so `top`'s view
+//! changes only by the guest's own writes until the job drops it at completion.
 
 use std::sync::Arc;
 
@@ -93,7 +118,18 @@ struct CommitJob {
     mask_protocol: bool,
     on_error: OnError,
     restore_read_only: bool,
+    /// `x-safe`: the image directly above the base, which copy-ups go into.
+    safe: Option<SafeTarget>,
     held: Mutex<Held>,
+}
+
+/// Where a safe commit keeps the base's old data.
+#[derive(Debug)]
+struct SafeTarget {
+    name: String,
+    node: NodeRef,
+    /// It was read-only before the job (reopened read-write for the copy-ups).
+    restore_read_only: bool,
 }
 
 /// One failed step of the copy loop.
@@ -122,6 +158,14 @@ impl CommitJob {
         if !ext.status.allocated {
             return Ok((n, false));
         }
+        if let Some(safe) = &self.safe {
+            copy_up_base_range(&safe.node, &self.base, offset, n)
+                .await
+                .map_err(|(op, e)| StepError {
+                    op,
+                    errno: e.kind().errno(),
+                })?;
+        }
         if ext.status.zero && !ext.status.data {
             self.base
                 .write_zeroes(
@@ -146,6 +190,13 @@ impl CommitJob {
                 .map_err(wr)?;
         }
         Ok((n, true))
+    }
+
+    /// Put the safe commit's copy-up target back to read-only if it was.
+    async fn restore_safe_ro(&self, g: &mut Graph) {
+        if let Some(s) = &self.safe {
+            restore_ro(g, &s.name, s.restore_read_only).await;
+        }
     }
 
     async fn undo(&self, g: &mut Graph) {
@@ -225,8 +276,16 @@ impl JobDriver for CommitJob {
                 .unwrap_or_else(|| filename_of(&g, &self.base_name));
             let fmt = backing_format(&g, &self.base_name, self.mask_protocol);
             for o in &overlays {
+                // A read-only overlay (an implicit backing node) is reopened read-write
+                // for the header change, as QEMU does.
+                let was_read_only = g.node(o).ok_or("overlay vanished")?.read_only;
+                if was_read_only {
+                    strata_graph::blockdev::reopen(&mut g, o, false).await?;
+                }
                 let node: NodeRef = g.node(o).ok_or("overlay vanished")?.node.clone();
-                write_backing_header(&node, Some(&id), Some(&fmt)).await?;
+                let written = write_backing_header(&node, Some(&id), Some(&fmt)).await;
+                restore_ro(&mut g, o, was_read_only).await;
+                written?;
             }
             let pins: Vec<EdgeId> = std::mem::take(&mut self.held.lock().pins);
             for p in pins {
@@ -246,9 +305,88 @@ impl JobDriver for CommitJob {
             if !self.held.lock().done {
                 self.undo(&mut g).await;
             }
+            self.restore_safe_ro(&mut g).await;
             restore_ro(&mut g, &self.base_name, self.restore_read_only).await;
         })
     }
+}
+
+/// Safe commit's copy-up: before `[offset, offset + len)` of `base` is overwritten, copy
+/// the base's current data for every part of it that `above_base` (an image whose backing
+/// chain reaches `base` through filters only) does not allocate into `above_base`, then
+/// flush it so the copy is on disk before the base changes. Returns whether anything was
+/// copied; a failure says whether reading the base or writing the image failed.
+///
+/// Ranges `above_base` allocates (data or zero) are left alone: it already shows its own
+/// data there. Beyond `above_base`'s size there is nothing it shows.
+pub async fn copy_up_base_range(
+    above_base: &NodeRef,
+    base: &NodeRef,
+    offset: u64,
+    len: u64,
+) -> Result<bool, (IoOperation, strata_core::Error)> {
+    let end = (offset + len).min(above_base.size());
+    let mut pos = offset;
+    let mut copied = false;
+    while pos < end {
+        let ext = block_status_above(above_base, Some(base), pos, end - pos)
+            .await
+            .map_err(|e| (IoOperation::Read, e))?;
+        let n = ext.len.clamp(1, end - pos);
+        if !ext.status.allocated {
+            // What `above_base` shows here is the base's data (zeroes past its end).
+            let buf = above_base
+                .read(pos, IoBuf::zeroed(n as usize))
+                .await
+                .map_err(|e| (IoOperation::Read, e))?;
+            above_base
+                .write(pos, buf, WriteFlags::default())
+                .await
+                .map_err(|e| (IoOperation::Write, e))?;
+            copied = true;
+        }
+        pos += n;
+    }
+    if copied {
+        above_base
+            .flush()
+            .await
+            .map_err(|e| (IoOperation::Write, e))?;
+    }
+    Ok(copied)
+}
+
+/// Safe commit's copy-up over the whole image, done before an offline commit: everything
+/// `top` allocates above `base` that `above_base` does not is copied up from the base.
+pub async fn copy_up_all(
+    top: &NodeRef,
+    above_base: &NodeRef,
+    base: &NodeRef,
+) -> strata_core::Result<()> {
+    let len = top.size();
+    let mut pos = 0;
+    while pos < len {
+        let n = COMMIT_BUFFER_SIZE.min(len - pos);
+        let ext = block_status_above(top, Some(base), pos, n).await?;
+        let n = ext.len.clamp(1, n);
+        if ext.status.allocated {
+            copy_up_base_range(above_base, base, pos, n)
+                .await
+                .map_err(|(_, e)| e)?;
+        }
+        pos += n;
+    }
+    Ok(())
+}
+
+/// The image directly above `base` in the chain from `top`: the lowest node of
+/// `intermediates` (top first) that is not a filter.
+fn above_base_of(g: &Graph, intermediates: &[String]) -> Option<String> {
+    intermediates
+        .iter()
+        .rev()
+        .find(|n| g.node(n).is_some_and(|r| r.kind != NodeKind::Filter))
+        .cloned()
 }
 
 /// The permissions a node's parents require, all together.
@@ -332,7 +470,20 @@ pub async fn block_commit(env: &BlockJobEnv, args: &Map<String, Value>) -> Resul
     let job_id = arg_str(args, "job-id").unwrap_or_default().to_string();
     let filter_name = arg_str(args, "filter-node-name");
     let is_active = g.skip_filters(&top) == g.skip_filters(device);
+    let safe = arg_bool(args, "x-safe", false);
+    let chain = chain_from(&g, &top);
+    let Some(base_idx) = chain.iter().position(|n| *n == base) else {
+        return Err(generic(format!(
+            "'{base}' is not in this backing file chain"
+        )));
+    };
+    let intermediates: Vec<String> = chain[..base_idx].to_vec();
     if is_active || required_on(&g, &top).contains(Perm::WRITE) {
+        if safe && above_base_of(&g, &intermediates).is_some_and(|n| n != g.skip_filters(&top)) {
+            return Err(generic(
+                "'x-safe' is not supported for an active commit with images between 'top' and 'base'",
+            ));
+        }
         if backing_file.is_some() {
             return Err(generic(if is_active {
                 "'backing-file' specified, but 'top' is the active layer"
@@ -360,16 +511,21 @@ pub async fn block_commit(env: &BlockJobEnv, args: &Map<String, Value>) -> Resul
             "Invalid files for merge: top and base are the same",
         ));
     }
-    let chain = chain_from(&g, &top);
-    let base_idx = chain
-        .iter()
-        .position(|n| *n == base)
-        .expect("base is below top");
-    let intermediates: Vec<String> = chain[..base_idx].to_vec();
     let top_ref = node_ref(&g, &top);
     let base_ref = node_ref(&g, &base);
     let grow = base_ref.size() < top_ref.size();
     let restore_read_only = g.node(&base).is_some_and(|r| r.read_only);
+    // With `top` directly above the base nothing is ever copied up (see the module doc).
+    let top_image = g.skip_filters(&top);
+    let safe = safe
+        .then(|| above_base_of(&g, &intermediates))
+        .flatten()
+        .filter(|n| *n != top_image)
+        .map(|name| SafeTarget {
+            node: node_ref(&g, &name),
+            restore_read_only: g.node(&name).is_some_and(|r| r.read_only),
+            name,
+        });
 
     let job = Arc::new(CommitJob {
         graph: env.graph.clone(),
@@ -381,6 +537,7 @@ pub async fn block_commit(env: &BlockJobEnv, args: &Map<String, Value>) -> Resul
         mask_protocol: arg_bool(args, "backing-mask-protocol", false),
         on_error: arg_on_error(args),
         restore_read_only,
+        safe,
         held: Mutex::new(Held::default()),
     });
     let opts = JobOptions {
@@ -400,6 +557,14 @@ pub async fn block_commit(env: &BlockJobEnv, args: &Map<String, Value>) -> Resul
         let _ = env.jobs.early_fail(&job_id);
         return Err(generic(e));
     }
+    if let Some(s) = &job.safe
+        && s.restore_read_only
+        && let Err(e) = strata_graph::blockdev::reopen(&mut g, &s.name, false).await
+    {
+        let _ = env.jobs.early_fail(&job_id);
+        restore_ro(&mut g, &base, restore_read_only).await;
+        return Err(generic(e));
+    }
     let r = setup(
         &mut g,
         &job,
@@ -415,6 +580,7 @@ pub async fn block_commit(env: &BlockJobEnv, args: &Map<String, Value>) -> Resul
     if let Err(e) = r {
         let _ = env.jobs.early_fail(&job_id);
         job.undo(&mut g).await;
+        job.restore_safe_ro(&mut g).await;
         restore_ro(&mut g, &base, restore_read_only).await;
         return Err(e);
     }
@@ -504,5 +670,13 @@ async fn setup(
         .map_err(generic)?;
     job.held.lock().base_backend = Some(e);
     hold(g, User::Backend, top, "root", Use::JobMain.perms())?;
+    if let Some(s) = &job.safe {
+        // A copy-up writes what the image already shows.
+        let p = PermSpec {
+            perm: Perm::WRITE_UNCHANGED,
+            shared: Perm::ALL,
+        };
+        hold(g, User::Backend, &s.name, "root", p)?;
+    }
     Ok(())
 }

@@ -25,6 +25,11 @@ pub struct Args {
     /// Do not empty the top image afterwards
     #[arg(short = 'd', long = "drop")]
     drop: bool,
+    /// Strata extension: first copy the base's old data for every range the commit will
+    /// change up into the image directly above the base, so every image left in the chain
+    /// keeps its guest view even if the commit stops midway
+    #[arg(long = "safe")]
+    safe: bool,
     /// I/O rate limit (bytes per second)
     #[arg(short = 'r', long = "rate-limit")]
     rate: Option<String>,
@@ -50,11 +55,20 @@ pub fn run(a: Args) -> CmdResult {
         a.format.fmt.as_deref(),
         cache,
         a.base.as_deref(),
-        drop,
+        Mode { drop, safe: a.safe },
         rate,
         progress,
         a.pq.quiet,
     )
+}
+
+/// What the commit does besides copying.
+#[derive(Debug, Clone, Copy)]
+struct Mode {
+    /// Leave the top image as it is.
+    drop: bool,
+    /// Copy the base's old data up first (`--safe`).
+    safe: bool,
 }
 
 /// Carry out the commit.
@@ -64,7 +78,7 @@ fn exec(
     fmt: Option<&str>,
     cache: CacheMode,
     base: Option<&str>,
-    drop: bool,
+    mode: Mode,
     rate: Option<u64>,
     progress: bool,
     quiet: bool,
@@ -73,7 +87,7 @@ fn exec(
     let _ = rate;
     let bar = Arc::new(Progress::new(progress, 1.0));
     let rt = crate::open::runtime()?;
-    let res = rt.block_on(commit(filename, fmt, cache, base, drop, bar.clone()));
+    let res = rt.block_on(commit(filename, fmt, cache, base, mode, bar.clone()));
     bar.end();
     res?;
     crate::qprint!(quiet, "Image committed.\n");
@@ -85,7 +99,7 @@ async fn commit(
     fmt: Option<&str>,
     cache: CacheMode,
     base: Option<&str>,
-    drop: bool,
+    mode: Mode,
     bar: Arc<Progress>,
 ) -> Result<(), Fail> {
     let opts = OpenOpts {
@@ -98,8 +112,8 @@ async fn commit(
     let img = crate::open::open(filename, &opts).await?;
     bar.print(0.0, 100);
     let top = img.node();
-    let mut res = commit_into_base(&top, filename, base, bar.clone()).await;
-    if res.is_ok() && !drop {
+    let mut res = commit_into_base(&top, filename, base, mode.safe, bar.clone()).await;
+    if res.is_ok() && !mode.drop {
         res = make_empty(&top).await;
     }
     let closed = img.close().await;
@@ -131,14 +145,33 @@ fn find_base(top: &NodeRef, filename: &str, base: Option<&str>) -> Result<NodeRe
     }
 }
 
+/// The image of `top`'s chain whose backing node is `base`.
+fn above_base(top: &NodeRef, base: &NodeRef) -> NodeRef {
+    let mut cur = top.clone();
+    while let Some(b) = cur.backing() {
+        if strata_graph::status::same_node(&b, base) {
+            break;
+        }
+        cur = b;
+    }
+    cur
+}
+
 async fn commit_into_base(
     top: &NodeRef,
     filename: &str,
     base: Option<&str>,
+    safe: bool,
     bar: Arc<Progress>,
 ) -> Result<(), Fail> {
     let base_node = find_base(top, filename, base)?;
     let failed = |e: strata_core::Error| Fail::msg(format!("Block job failed: {e}"));
+    if safe {
+        let above = above_base(top, &base_node);
+        strata_blockjobs::commit::copy_up_all(top, &above, &base_node)
+            .await
+            .map_err(failed)?;
+    }
     let base_len = base_node.size();
     if base_len < top.size() {
         base_node
