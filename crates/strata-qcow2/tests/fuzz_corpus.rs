@@ -61,3 +61,10 @@ fn pristine_seeds_check_clean() {
         );
     }
 }
+
+/// Includes QEMU's CVE classes (huge L1/refcount sizes, overlapping metadata, hostile
+/// backing and data-file names), made by `fuzz/make-seeds.sh`.
+#[test]
+fn qcow2_open_corpus() {
+    replay("qcow2_open", fuzzing::open);
+}

@@ -150,6 +150,14 @@ fn parse_one<'a>(
             ));
         }
         frags.push(&key[pos..pos + flen]);
+        // Strata's own cap (QEMU has none): the tree is built, listified, converted and
+        // dropped recursively, so an unbounded key would overflow the stack.
+        if frags.len() > json_stream::MAX_NESTING {
+            return Err(format!(
+                "Parameter '{}' is nested too deeply",
+                &key[..key_len]
+            ));
+        }
         pos += flen;
         if pos >= kb.len() {
             break;

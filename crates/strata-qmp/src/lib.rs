@@ -13,6 +13,7 @@
 
 pub mod error;
 pub mod events;
+pub mod fuzzing;
 pub mod json_out;
 pub mod json_stream;
 pub mod keyval;
