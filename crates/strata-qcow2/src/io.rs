@@ -263,8 +263,16 @@ impl Qcow2 {
             write_futs.push(async move { data.write(host, piece, WriteFlags::default()).await });
         }
         let (fills, writes) = futures::join!(try_join_all(fill_futs), try_join_all(write_futs));
-        let pieces = writes?;
-        fills?;
+        let pieces = match (writes, fills) {
+            (Ok(pieces), Ok(_)) => pieces,
+            (Err(e), _) | (_, Err(e)) => {
+                // Nothing references the new clusters yet: give them back (QEMU's
+                // `qcow2_alloc_cluster_abort`), so a failed write leaks nothing.
+                let mut m = self.meta.lock().await;
+                Self::abort_allocations(&mut m, &ops).await;
+                return Err(e);
+            }
+        };
         let buf = IoBuf::join(pieces);
 
         if !ops.is_empty() {
@@ -418,7 +426,13 @@ impl Qcow2 {
                 j += 1;
             }
             let old_end = m.file_end;
-            let base = m.alloc_clusters((j - i) as u64).await?;
+            let base = match m.alloc_clusters((j - i) as u64).await {
+                Ok(base) => base,
+                Err(e) => {
+                    Self::abort_allocations(m, &ops[..i]).await;
+                    return Err(e);
+                }
+            };
             for (k, op) in ops[i..j].iter_mut().enumerate() {
                 op.host = base + k as u64 * cs;
                 op.fresh = op.host >= old_end;
@@ -470,15 +484,29 @@ impl Qcow2 {
     /// Point L2 at the clusters a write filled and free what they replaced.
     async fn link_clusters(&self, m: &mut Meta, ops: &mut [ClusterOp]) -> Result<()> {
         let epoch = self.bump_epoch();
-        for op in ops.iter() {
+        for (i, op) in ops.iter().enumerate() {
             let (l1i, l2i) = m.split_cluster(op.gci);
-            let l2 = m.writable_l2(l1i, epoch).await?;
+            let l2 = match m.writable_l2(l1i, epoch).await {
+                Ok(l2) => l2,
+                Err(e) => {
+                    // The clusters not linked yet stay unreferenced: give them back.
+                    Self::abort_allocations(m, &ops[i..]).await;
+                    return Err(e);
+                }
+            };
             m.set_slot(l2, l2i, op.new_slot);
             if op.new_alloc {
                 m.free_slot(op.old, epoch);
             }
         }
         Ok(())
+    }
+
+    /// Give back the host clusters `ops` allocated but never linked into L2.
+    async fn abort_allocations(m: &mut Meta, ops: &[ClusterOp]) {
+        for op in ops.iter().filter(|o| o.new_alloc && o.host != 0) {
+            m.dealloc_unreferenced(op.host, 1).await;
+        }
     }
 
     // ------------------------------------------------------------------ zeroes / discard

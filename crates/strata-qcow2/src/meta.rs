@@ -515,10 +515,19 @@ impl Meta {
     }
 
     /// First index of `n` contiguous clusters with refcount 0, searching from the hint.
+    ///
+    /// Clusters past the end of the file may have a refcount: a data or table write that
+    /// failed after its refcount was made durable leaves one (a leak, as in QEMU). They are
+    /// skipped, but only up to 64 MiB of them: more is not what failed writes leave but
+    /// a damaged or hostile refcount block, which would otherwise make this search walk
+    /// towards 2^56.
     async fn find_free(&mut self, n: u64) -> Result<u64> {
+        /// Leaked bytes past the end skipped before the search gives up.
+        const MAX_SKIPPED_PAST_END: u64 = 64 << 20;
         let max_cluster = MAX_HOST_OFFSET / self.cs;
         let mut start = self.free_hint;
         let mut i = start;
+        let mut skipped_past_end = 0;
         while i - start < n {
             if i >= max_cluster {
                 return Err(Error::from_errno(libc::EFBIG, "Cannot allocate cluster"));
@@ -531,17 +540,33 @@ impl Meta {
             }
             if self.get_refcount(i).await? != 0 {
                 if i * self.cs >= self.file_end {
-                    // Nothing can be stored past the end: a hostile refcount block would
-                    // otherwise make this search walk to 2^56.
-                    return Err(Error::corrupt(format!(
-                        "Refcount of cluster {i:#x} past the end of the image is not zero"
-                    )));
+                    skipped_past_end += self.cs;
+                    if skipped_past_end > MAX_SKIPPED_PAST_END {
+                        return Err(Error::corrupt(format!(
+                            "Refcount of cluster {i:#x} past the end of the image is not zero"
+                        )));
+                    }
                 }
                 start = i + 1;
             }
             i += 1;
         }
         Ok(start)
+    }
+
+    /// Give back clusters allocated by [`Self::alloc_clusters`] that nothing references yet
+    /// because the write that was to fill them failed (QEMU's `qcow2_alloc_cluster_abort`).
+    /// Best effort: a refcount block that cannot be loaded leaves a leak, never an error.
+    pub async fn dealloc_unreferenced(&mut self, offset: u64, n: u64) {
+        let first = offset / self.cs;
+        for c in first..first + n {
+            let Ok(rc) = self.get_refcount(c).await else {
+                continue;
+            };
+            if rc > 0 && self.set_refcount_existing(c, rc - 1).await.is_ok() && rc == 1 {
+                self.free_hint = self.free_hint.min(c);
+            }
+        }
     }
 
     /// Allocate `n` contiguous host clusters (refcount 1); returns the byte offset.
@@ -560,10 +585,17 @@ impl Meta {
         self.file
             .debug_event(strata_core::DebugEvent::RefblockAlloc);
         for c in ci..=last {
-            if self.get_refcount(c).await? != 0 {
-                return Err(Error::corrupt("allocated cluster is in use"));
+            let counted = match self.get_refcount(c).await {
+                Ok(0) => self.set_refcount_alloc(c, 1, 0).await,
+                Ok(_) => Err(Error::corrupt("allocated cluster is in use")),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = counted {
+                // As QEMU's `update_refcount`: undo the part already done.
+                self.incr_unsynced = true;
+                self.dealloc_unreferenced(ci * self.cs, c - ci).await;
+                return Err(e);
             }
-            self.set_refcount_alloc(c, 1, 0).await?;
         }
         self.incr_unsynced = true;
         self.file_end = self.file_end.max((last + 1) * self.cs);
@@ -629,7 +661,13 @@ impl Meta {
             // A reftable growth on the way created it.
             return Ok(off);
         }
-        self.install_block(ri, x, block).await?;
+        if let Err(e) = self.install_block(ri, x, block).await {
+            // The table does not name the block: its cluster is unused again.
+            if rx != ri {
+                self.dealloc_unreferenced(x * self.cs, 1).await;
+            }
+            return Err(e);
+        }
         Ok(x * self.cs)
     }
 
@@ -642,15 +680,17 @@ impl Meta {
         if !self.lazy {
             self.sync().await?;
         }
-        self.rt[ri as usize] = off;
         let entry_off = self.h.refcount_table_offset + ri * 8;
         self.file
             .debug_event(strata_core::DebugEvent::RefblockAllocHookup);
         self.write_at(entry_off, &off.to_be_bytes()).await?;
+        // Only a table entry that was written names the block: refcounts cached for a block
+        // the table on disk does not know would be lost (and the image corrupt).
+        self.rt[ri as usize] = off;
+        self.file_end = self.file_end.max(off + self.cs);
         if !self.lazy {
             self.sync().await?;
         }
-        self.file_end = self.file_end.max(off + self.cs);
         Ok(())
     }
 
@@ -704,43 +744,79 @@ impl Meta {
         }
         let rt_off = next * cs;
         // Refcount 1 for every cluster of the area, in whichever block covers it.
+        let mut counted_in_old_blocks = Vec::new();
         for c in e..area_end {
             let r = c / self.rb_entries;
             let idx = (c % self.rb_entries) as usize;
             if let Some((_, b)) = new_blocks.iter_mut().find(|(br, _)| *br == r) {
                 refcount::set(b, self.rc_bits, idx, 1);
             } else {
-                self.set_refcount_existing(c, 1).await?;
+                counted_in_old_blocks.push(c);
+                if let Err(err) = self.set_refcount_existing(c, 1).await {
+                    self.uncount_area(&counted_in_old_blocks).await;
+                    return Err(err);
+                }
             }
         }
-        self.file
-            .debug_event(strata_core::DebugEvent::RefblockAllocWriteBlocks);
-        for (r, b) in &new_blocks {
-            self.write_at(new_rt[*r as usize], b).await?;
+        if let Err(err) = self.write_reftable_area(&new_rt, &new_blocks, rt_off).await {
+            // The header still names the old table: the area is unused, so its clusters
+            // must not stay counted (they lie past the end of the image).
+            self.uncount_area(&counted_in_old_blocks).await;
+            return Err(err);
         }
-        self.write_dirty_rbs().await?;
-        self.file
-            .debug_event(strata_core::DebugEvent::RefblockAllocWriteTable);
-        self.write_at(rt_off, &u64s_be(&new_rt)).await?;
-        self.sync().await?;
         let old_off = self.h.refcount_table_offset;
         let old_clusters = u64::from(self.h.refcount_table_clusters);
         self.file
             .debug_event(strata_core::DebugEvent::RefblockAllocSwitchTable);
         self.h.refcount_table_offset = rt_off;
         self.h.refcount_table_clusters = rt_clusters as u32;
-        self.write_header().await?;
-        self.sync().await?;
+        if let Err(err) = self.write_header().await {
+            self.h.refcount_table_offset = old_off;
+            self.h.refcount_table_clusters = old_clusters as u32;
+            self.uncount_area(&counted_in_old_blocks).await;
+            return Err(err);
+        }
+        // The header names the new table now (even if the flush below fails, the write may
+        // have landed): switch over in memory before anything else can fail.
         self.rt = new_rt;
         self.file_end = self.file_end.max(area_end * cs);
-        self.incr_unsynced = false;
         // The old table is unreferenced now; free it (no data request can target it).
         self.pending.push(PendingFree {
             cluster: old_off / cs,
             count: old_clusters,
             epoch: 0,
         });
+        self.sync().await?;
+        self.incr_unsynced = false;
         Ok(())
+    }
+
+    /// Write the new refcount blocks, the dirty cached ones and the new table of a
+    /// refcount table growth, and flush.
+    async fn write_reftable_area(
+        &mut self,
+        new_rt: &[u64],
+        new_blocks: &[(u64, Vec<u8>)],
+        rt_off: u64,
+    ) -> Result<()> {
+        self.file
+            .debug_event(strata_core::DebugEvent::RefblockAllocWriteBlocks);
+        for (r, b) in new_blocks {
+            self.write_at(new_rt[*r as usize], b).await?;
+        }
+        self.write_dirty_rbs().await?;
+        self.file
+            .debug_event(strata_core::DebugEvent::RefblockAllocWriteTable);
+        self.write_at(rt_off, &u64s_be(new_rt)).await?;
+        self.sync().await
+    }
+
+    /// Undo the refcounts a failed refcount table growth gave its area in existing blocks
+    /// (best effort: a block that cannot be loaded leaves a leak past the end).
+    async fn uncount_area(&mut self, clusters: &[u64]) {
+        for &c in clusters {
+            let _ = self.set_refcount_existing(c, 0).await;
+        }
     }
 
     /// Queue host clusters covering `[offset, offset + len)` for a refcount decrement.
@@ -786,10 +862,17 @@ impl Meta {
             self.incr_unsynced = false;
         }
         self.sync_increments().await?;
-        // 2. L2 tables (L1 entries are written as they change).
+        // 2. L2 tables (L1 entries are written as they change). As QEMU's cache flush, one
+        // failed table does not stop the others (it stays dirty for the next flush).
         let dirty_l2 = self.l2.dirty();
+        let mut first_err = None;
         for off in &dirty_l2 {
-            self.write_l2(*off).await?;
+            if let Err(e) = self.write_l2(*off).await {
+                first_err.get_or_insert(e);
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
         }
         self.file.debug_event(strata_core::DebugEvent::FlushToDisk);
         let ready: Vec<PendingFree> = self
@@ -865,7 +948,24 @@ impl Meta {
             }
             None => vec![0u64; (self.cs / 8) as usize],
         };
+        let old_entry = self.l1[l1i as usize];
         let new = self.alloc_clusters(1).await?;
+        if let Err(e) = self.install_l2(l1i, new, table).await {
+            // As QEMU's `l2_allocate`: the L1 entry goes back to the old table (or
+            // nowhere), so the new cluster is unreferenced; give it back.
+            self.l1[l1i as usize] = old_entry;
+            self.l2.remove(new);
+            self.dealloc_unreferenced(new, 1).await;
+            return Err(e);
+        }
+        if let Some(off) = old {
+            self.free_range(off, self.cs, epoch);
+        }
+        Ok(new)
+    }
+
+    /// Write `table` to the new cluster at `new` and point L1 entry `l1i` at it.
+    async fn install_l2(&mut self, l1i: u64, new: u64, table: Vec<u64>) -> Result<()> {
         self.check_overlap(new, self.cs, true)?;
         // The new table is on disk, and its refcount durable, before L1 points at it.
         self.sync_increments().await?;
@@ -878,11 +978,7 @@ impl Meta {
         self.l2.insert(new, table, false);
         self.l1[l1i as usize] = L1Entry::new(new, true).0;
         self.file.debug_event(strata_core::DebugEvent::L1Update);
-        self.write_l1_entry(l1i).await?;
-        if let Some(off) = old {
-            self.free_range(off, self.cs, epoch);
-        }
-        Ok(new)
+        self.write_l1_entry(l1i).await
     }
 
     /// Refuse to write `[off, off + len)` of the image file if it overlaps metadata (QEMU's

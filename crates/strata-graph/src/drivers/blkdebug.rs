@@ -518,6 +518,8 @@ struct State {
     rules: Vec<Rule>,
     /// Ids of the active inject-error rules, first match first.
     active: Vec<u64>,
+    /// Requests failed by an inject-error rule so far, by [`BlkdebugIoType`].
+    injected: [u64; 6],
 }
 
 /// A `blkdebug` node over `image`.
@@ -597,6 +599,7 @@ impl BlkdebugNode {
                 state: 1,
                 rules,
                 active: Vec::new(),
+                injected: [0; 6],
             }),
         };
         node.event(DebugEvent::None);
@@ -611,6 +614,12 @@ impl BlkdebugNode {
     /// The current state.
     pub fn state(&self) -> i64 {
         self.state.lock().state
+    }
+
+    /// How many requests of type `iotype` an inject-error rule has failed so far (for
+    /// tests that must know whether a fault was actually delivered).
+    pub fn injected(&self, iotype: BlkdebugIoType) -> u64 {
+        self.state.lock().injected[iotype as usize]
     }
 
     /// QEMU's `blkdebug_co_debug_event`.
@@ -668,6 +677,7 @@ impl BlkdebugNode {
                 s.active.retain(|&a| a != id);
                 s.rules.retain(|r| r.id != id);
             }
+            s.injected[iotype as usize] += 1;
             (errno, immediately)
         };
         if !immediately {
