@@ -9,7 +9,7 @@ use strata_core::{BlockNode, NodeRef};
 use strata_graph::{
     EdgeId, EdgePerms, Graph, GraphNode, Link, NodeKind, NodeRec, PermSpec, User, driver_of,
 };
-use strata_job::{JobContext, JobFailure, OnError};
+use strata_job::{JobFailure, OnError};
 use strata_qcow2::Qcow2;
 
 use crate::env::{CmdError, generic};
@@ -250,45 +250,4 @@ pub(crate) enum OnStepError {
     Skip(u64),
     /// End the job with this failure.
     Fail(JobFailure),
-}
-
-/// The copy loop of stream and commit: `step(offset)` answers how many bytes from `offset`
-/// it looked at and whether it copied them (copies count against the speed limit);
-/// `on_error(error, offset)` decides what a failed step leads to.
-pub(crate) async fn copy_loop<E, Fut>(
-    ctx: &JobContext,
-    len: u64,
-    mut step: impl FnMut(u64) -> Fut,
-    mut on_error: impl FnMut(E, u64) -> OnStepError,
-) -> Result<(), JobFailure>
-where
-    Fut: Future<Output = Result<(u64, bool), E>>,
-{
-    let mut offset = 0;
-    let mut copied = 0;
-    while offset < len {
-        ctx.rate_limit(copied).await;
-        copied = 0;
-        if ctx.is_cancelled() {
-            return Err(JobFailure::canceled());
-        }
-        match step(offset).await {
-            Ok((n, copy)) => {
-                ctx.progress_update(n);
-                if copy {
-                    copied = n;
-                }
-                offset += n;
-            }
-            Err(e) => match on_error(e, offset) {
-                OnStepError::Retry => {}
-                OnStepError::Skip(n) => {
-                    ctx.progress_update(n);
-                    offset += n;
-                }
-                OnStepError::Fail(f) => return Err(f),
-            },
-        }
-    }
-    Ok(())
 }

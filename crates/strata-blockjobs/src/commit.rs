@@ -55,11 +55,12 @@ use strata_job::{
 
 use crate::chain::{
     OnStepError, arg_bool, arg_on_error, arg_speed, arg_str, backing_format, chain_contains,
-    chain_from, copy_loop, drop_unused_implicit, failure_text, filename_of, find_backing_image,
-    freeze_links, node_ref, not_found, pin, register_filter, release_pins, restore_ro, unfreeze,
+    chain_from, drop_unused_implicit, failure_text, filename_of, find_backing_image, freeze_links,
+    node_ref, not_found, pin, register_filter, release_pins, restore_ro, unfreeze,
     write_backing_header,
 };
 use crate::env::{BlockJobEnv, CmdError, SharedGraph, generic};
+use crate::parallel::parallel_copy_loop;
 use strata_graph::forward_to_child;
 
 /// The commit job's buffer: the most one iteration copies (QEMU's `COMMIT_BUFFER_SIZE`).
@@ -141,7 +142,7 @@ struct StepError {
 impl CommitJob {
     /// Copy what `[offset, ..)` holds above the base; returns the bytes looked at and
     /// whether they were copied.
-    async fn step(&self, offset: u64, len: u64) -> Result<(u64, bool), StepError> {
+    async fn step(&self, offset: u64, end: u64) -> Result<(u64, bool), StepError> {
         let rd = |e: strata_core::Error| StepError {
             op: IoOperation::Read,
             errno: e.kind().errno(),
@@ -150,7 +151,7 @@ impl CommitJob {
             op: IoOperation::Write,
             errno: e.kind().errno(),
         };
-        let n = COMMIT_BUFFER_SIZE.min(len - offset);
+        let n = COMMIT_BUFFER_SIZE.min(end - offset);
         let ext = block_status_above(&self.top, Some(&self.base), offset, n)
             .await
             .map_err(rd)?;
@@ -228,10 +229,11 @@ impl JobDriver for CommitJob {
                     .await
                     .map_err(|e| JobFailure::new(failure_text(e.kind().errno())))?;
             }
-            copy_loop(
+            parallel_copy_loop(
                 &ctx,
                 len,
-                |offset| self.step(offset, len),
+                COMMIT_BUFFER_SIZE,
+                |offset, end| self.step(offset, end),
                 |e: StepError, _| {
                     // `stop` pauses and `ignore` moves on; both retry this range.
                     if ctx.handle_error(self.on_error, e.op, e.errno) == ErrorAction::Report {
