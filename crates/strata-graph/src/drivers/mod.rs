@@ -7,6 +7,7 @@ pub mod cache;
 pub mod copy_before_write;
 pub mod copy_on_read;
 pub mod forward;
+pub mod log_writes;
 pub mod null;
 pub mod raw;
 pub mod throttle;
