@@ -10,6 +10,8 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== tests"
+# Some tests run the binaries themselves (strata-crashtest's kill -9 sweep runs `strata`).
+cargo build --workspace --bins --quiet
 if command -v cargo-nextest >/dev/null; then
   cargo nextest run --workspace --no-fail-fast --cargo-quiet
   # nextest does not run doctests

@@ -26,9 +26,13 @@ const SECTORS: usize = (DISK as usize) / SECTOR;
 /// The operations swept, by name.
 pub const OPERATIONS: &[&str] = &["convert", "commit", "rebase", "resize", "amend"];
 
-/// The `strata` binary of the workspace's debug build.
+/// The `strata` binary of the workspace's debug build (`$CARGO_TARGET_DIR` if set, as
+/// `scripts/test.sh` builds it there before the tests run).
 pub fn strata_bin() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/strata")
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
+    target.join("debug/strata")
 }
 
 fn sh(cmd: &str, args: &[&str]) -> Result<std::process::Output, String> {
