@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value, json};
 use strata_core::{BlockNode, NodeRef};
-use strata_io::{Aio, FileNode, FileOptions};
+use strata_io::{Aio, FileNode, FileOptions, Locking};
 use strata_qcow2::Qcow2;
 
 use crate::drivers::blkdebug::{BlkdebugNode, BlkdebugOptions};
@@ -62,6 +62,8 @@ struct Opening<'a> {
     graph: &'a mut Graph,
     objects: &'a Objects,
     created: Vec<String>,
+    /// `force-share` of the node whose inline children are being opened (they inherit it).
+    inherited_force_share: bool,
 }
 
 /// Read an optional member as a bool.
@@ -91,6 +93,7 @@ pub async fn blockdev_add(
         graph,
         objects,
         created: Vec::new(),
+        inherited_force_share: false,
     };
     match op.open(opts, None, 0).await {
         Ok(name) => {
@@ -118,6 +121,7 @@ pub async fn open_node(
         graph,
         objects,
         created: Vec::new(),
+        inherited_force_share: false,
     };
     match op.open(opts, None, 0).await {
         Ok(name) => Ok(name),
@@ -182,7 +186,18 @@ impl Opening<'_> {
             Some(ro) => ro,
             None => inherit_ro.unwrap_or(false),
         };
+        let force_share = opts
+            .get("force-share")
+            .and_then(Value::as_bool)
+            .unwrap_or(self.inherited_force_share);
+        if force_share && !read_only {
+            return Err("force-share=on can only be used with read-only images".into());
+        }
+        let outer_force_share = std::mem::replace(&mut self.inherited_force_share, force_share);
         let mut recorded = opts.clone();
+        if force_share {
+            recorded.insert("force-share".into(), json!(true));
+        }
         // (role, child name, edge kind)
         let mut children: Vec<(&'static str, String, EdgeKind)> = Vec::new();
         let mut links: HashMap<&'static str, Arc<Link>> = HashMap::new();
@@ -205,7 +220,12 @@ impl Opening<'_> {
                     direct,
                     aio,
                 };
+                let locking: Locking = match opt_str(opts, "locking") {
+                    Some(l) => l.parse().map_err(|e: strata_core::Error| e.to_string())?,
+                    None => Locking::Auto,
+                };
                 let node = FileNode::open(Path::new(filename), &fo).map_err(|e| e.to_string())?;
+                node.set_locking(locking);
                 (node as NodeRef, NodeKind::Protocol)
             }
             "null-co" | "null-aio" => {
@@ -395,6 +415,7 @@ impl Opening<'_> {
             },
         };
 
+        self.inherited_force_share = outer_force_share;
         let node = GraphNode::new(&name, driver_node.clone());
         recorded.insert("node-name".into(), json!(name));
         self.graph.insert_node(NodeRec {
@@ -563,15 +584,30 @@ pub async fn reopen(graph: &mut Graph, name: &str, read_only: bool) -> Result<()
     if rec.read_only == read_only {
         return Ok(());
     }
+    reopen_chain(graph, name, read_only).await?;
+    // The locks follow the new permissions; if another user of a file objects, go back.
+    if let Err(e) = graph.refresh_locks() {
+        let _ = Box::pin(reopen_chain(graph, name, !read_only)).await;
+        let _ = graph.refresh_locks();
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// [`reopen`] without the lock refresh: the node and its protocol child, in a safe order.
+async fn reopen_chain(graph: &mut Graph, name: &str, read_only: bool) -> Result<(), String> {
+    if graph.node(name).is_some_and(|r| r.read_only == read_only) {
+        return Ok(());
+    }
     let file = graph.child(name, "file").map(|e| e.child.clone());
     // Writable from the bottom up; read-only from the top down, so a format's metadata is
     // flushed while its file can still take it.
     if !read_only && let Some(f) = &file {
-        Box::pin(reopen(graph, f, read_only)).await?;
+        Box::pin(reopen_chain(graph, f, read_only)).await?;
     }
     reopen_one(graph, name, read_only).await?;
     if read_only && let Some(f) = &file {
-        Box::pin(reopen(graph, f, read_only)).await?;
+        Box::pin(reopen_chain(graph, f, read_only)).await?;
     }
     Ok(())
 }
@@ -594,7 +630,7 @@ async fn reopen_one(graph: &mut Graph, name: &str, read_only: bool) -> Result<()
                 .and_then(|c| c.get("direct"))
                 .and_then(Value::as_bool)
                 .unwrap_or(false);
-            FileNode::open(
+            let file = FileNode::open(
                 Path::new(filename),
                 &FileOptions {
                     read_only,
@@ -602,7 +638,12 @@ async fn reopen_one(graph: &mut Graph, name: &str, read_only: bool) -> Result<()
                     aio,
                 },
             )
-            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+            // The new descriptor takes the old one's locks before the old one goes.
+            if let Some(prev) = old.as_any().downcast_ref::<FileNode>() {
+                file.take_locks_from(prev);
+            }
+            file
         }
         "qcow2" => {
             let link = |role: &str| {

@@ -239,7 +239,16 @@ impl Graph {
     /// Remove an edge (never fails: dropping a user only relaxes permissions).
     pub fn remove_edge(&mut self, id: EdgeId) -> Option<EdgeRec> {
         let i = self.edges.iter().position(|e| e.id == id)?;
-        Some(self.edges.remove(i))
+        let e = self.edges.remove(i);
+        // Fewer users can only need fewer locks; letting go does not fail.
+        let _ = self.refresh_locks();
+        Some(e)
+    }
+
+    /// Bring the image locks of every `file` node to what its users now take (after a
+    /// change that [`Graph::check_perms`] did not see, such as a node's read-only flag).
+    pub fn refresh_locks(&self) -> Result<(), String> {
+        crate::locks::sync(self, &self.effective_perms())
     }
 
     /// Mark an edge frozen or not.
@@ -310,6 +319,19 @@ impl Graph {
                 perm::derived(kind, parents, writable)
             }
         };
+        // A child opened with force-share=on shares everything (QEMU's bdrv_child_perm).
+        let force_share = matches!(e.perms, EdgePerms::Derived(_))
+            && self.nodes.get(&e.child).is_some_and(|c| {
+                c.options.get("force-share").and_then(Value::as_bool) == Some(true)
+            });
+        let p = if force_share {
+            PermSpec {
+                shared: Perm::ALL,
+                ..p
+            }
+        } else {
+            p
+        };
         memo.insert(e.id, p);
         p
     }
@@ -338,7 +360,7 @@ impl Graph {
                 }
             }
         }
-        Ok(())
+        crate::locks::sync(self, &perms)
     }
 
     /// Point every edge into `from` — except those `keep` selects — at `to`, after checking

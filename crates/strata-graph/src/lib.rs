@@ -25,6 +25,7 @@ pub mod drivers;
 pub mod filename;
 pub mod graph;
 pub mod link;
+mod locks;
 pub mod map;
 pub mod node;
 pub mod open;

@@ -96,7 +96,7 @@ pub struct ImageOptions {
     pub aio: Aio,
     /// Whether to open the backing chain.
     pub backing: BackingMode,
-    /// `-U`: do not take or respect image locks (accepted; Strata takes no locks yet).
+    /// `-U`: share every permission, so that images other processes use open (read-only).
     pub force_share: bool,
     /// Open backing files read-write as well (commit writes into a backing file); they
     /// are read-only otherwise.
@@ -175,6 +175,45 @@ fn open_file(path: &str, read_only: bool, opts: &ImageOptions) -> Result<NodeRef
     Ok(Arc::new(CacheFilter::new(file, wt, no_flush)))
 }
 
+/// The `file` node under `node` (itself, or below a cache-mode filter).
+fn file_node_of(node: &NodeRef) -> Option<NodeRef> {
+    if node.as_any().is::<FileNode>() {
+        return Some(node.clone());
+    }
+    node.file().filter(|f| f.as_any().is::<FileNode>())
+}
+
+/// Take the image locks qemu-img's open takes on an image's file: a qcow2 (or a data file)
+/// reads consistently, writes and resizes when writable, and lets others only read; a raw
+/// image passes on what the tool takes (read, and write when writable) and shares all.
+/// `-U` shares everything.
+fn lock_image_file(
+    file: &NodeRef,
+    storage: bool,
+    read_only: bool,
+    opts: &ImageOptions,
+) -> Result<()> {
+    let Some(f) = file_node_of(file) else {
+        return Ok(());
+    };
+    let Some(f) = f.as_any().downcast_ref::<FileNode>() else {
+        return Ok(());
+    };
+    let (cr, w, wu, rs) = (0x01u8, 0x02u8, 0x04u8, 0x08u8);
+    let (perm, shared) = match (storage, read_only) {
+        (true, true) => (cr, cr | wu),
+        (true, false) => (cr | w | rs, cr | wu),
+        (false, true) => (cr, strata_io::PERM_ALL),
+        (false, false) => (cr | w, strata_io::PERM_ALL),
+    };
+    let shared = if opts.force_share {
+        strata_io::PERM_ALL
+    } else {
+        shared
+    };
+    f.lock_perm(perm, shared)
+}
+
 impl ChainOpener<'_> {
     /// Remember `path`'s identity; an image met twice makes a loop.
     fn visit(&mut self, path: &str) -> Result<()> {
@@ -219,6 +258,10 @@ impl ChainOpener<'_> {
         };
         loop {
             let depth = levels.len();
+            if let (None, Some(file)) = (&cur.ready, &cur.file) {
+                lock_image_file(file, cur.fmt != "raw", cur.read_only, self.opts)
+                    .map_err(|e| nest(e, depth))?;
+            }
             if cur.ready.is_some() || cur.fmt == "raw" {
                 levels.push(cur);
                 break;
@@ -235,8 +278,9 @@ impl ChainOpener<'_> {
                 .map_err(|e| nest(e, depth))?;
             if let Some(df) = &h.data_file {
                 let path = path_combine(&cur.name, df);
-                cur.data_file =
-                    Some(open_file(&path, cur.read_only, self.opts).map_err(|e| nest(e, depth))?);
+                let df = open_file(&path, cur.read_only, self.opts).map_err(|e| nest(e, depth))?;
+                lock_image_file(&df, true, cur.read_only, self.opts).map_err(|e| nest(e, depth))?;
+                cur.data_file = Some(df);
             }
             let next = match (&h.backing_file, self.opts.backing) {
                 (Some(b), BackingMode::Follow) => Some(
@@ -502,7 +546,9 @@ fn open_json_node<'a>(
                     return Err(Error::invalid("Parameter 'filename' is missing"));
                 };
                 opener.visit(f)?;
-                open_file(f, read_only, opener.opts)
+                let file = open_file(f, read_only, opener.opts)?;
+                lock_image_file(&file, false, read_only, opener.opts)?;
+                Ok(file)
             }
             "null-co" => Ok(Arc::new(NullNode::new(NullOptions {
                 size: get_u64(o, "size")?.unwrap_or(1 << 30),
@@ -522,6 +568,7 @@ fn open_json_node<'a>(
                     _ => return Err(Error::invalid("Parameter 'file' is missing")),
                 };
                 if driver == "raw" {
+                    lock_image_file(&file, false, read_only, opener.opts)?;
                     return Ok(Arc::new(RawNode::open(
                         file,
                         RawOptions {

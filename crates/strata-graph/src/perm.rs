@@ -34,6 +34,11 @@ impl Perm {
         (Perm::RESIZE, "resize", "resize"),
     ];
 
+    /// QEMU's `BLK_PERM_*` bit layout (what image locks are keyed by).
+    pub const fn bits(self) -> u8 {
+        self.0
+    }
+
     /// Whether every bit of `other` is in `self`.
     pub const fn contains(self, other: Perm) -> bool {
         self.0 & other.0 == other.0

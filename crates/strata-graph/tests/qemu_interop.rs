@@ -328,7 +328,8 @@ async fn copies_of_a_chain_compare_identical() {
         let stats = copy_image(&top, &target, &opts).await.unwrap();
         assert!(stats.bytes_written >= 1 << 20, "{stats:?}");
         target.close().await.unwrap();
-        drop(target);
+        // The compressed writer holds the target too; its file lock goes with the last one.
+        drop((target, opts));
         let (code, out, err) = run(
             dir,
             "qemu-img",
@@ -681,6 +682,10 @@ async fn commit_through_the_copy_engine_matches_qemu_img_commit() {
     };
     copy_image(&top, &mid, &opts).await.unwrap();
     mid.close().await.unwrap();
+    // Close the files too, so their image locks go before qemu-img looks.
+    for n in [&top, &mid] {
+        n.file().unwrap().close().await.unwrap();
+    }
     drop((top, mid));
     for m in ["mid.qcow2", "mid-q.qcow2"] {
         let (code, out, _) = run(dir, "qemu-img", &["compare", "-F", "raw", m, "before.raw"]);

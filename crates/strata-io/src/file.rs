@@ -19,6 +19,7 @@ use strata_core::{
 use crate::align::{self, Alignment, DataPath};
 use crate::engine::threads::{ThreadsEngine, run_blocking};
 use crate::engine::{Engine, HostFile, errno_of, uring};
+use crate::lock::{self, LockState, Locking, PERM_ALL};
 
 /// The `aio=` option: which engine runs a node's requests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
@@ -85,6 +86,8 @@ pub struct FileNode {
     io: DataPath,
     /// Ourselves, for the `host_node` of block-status answers.
     me: Weak<FileNode>,
+    /// The image locks this node's descriptor holds (see [`crate::lock`]).
+    locks: std::sync::Mutex<LockState>,
 }
 
 /// `BLKGETSIZE64` = `_IOR(0x12, 114, u64)`; libc does not export it.
@@ -316,6 +319,10 @@ pub async fn create(path: &Path, size: u64, prealloc: Prealloc) -> Result<()> {
                 "'file' driver requires '{name}' to be a regular file"
             )));
         }
+        // QEMU's raw_co_create: take `write` and `resize`, sharing all but `resize`, and make
+        // sure no other user of the image objects, before destroying its contents.
+        const WRITE_RESIZE: u8 = 0x02 | 0x08;
+        lock::lock_fd(file.as_raw_fd(), WRITE_RESIZE, PERM_ALL & !0x08, &name)?;
         let host = HostFile::new(file, false, md.len());
         // Clear the file first, then grow it to its final size with the preallocation asked
         // for (QEMU's order: the file system sees the final size up front).
@@ -384,7 +391,76 @@ impl FileNode {
             opts: opts.clone(),
             io,
             me: me.clone(),
+            locks: std::sync::Mutex::new(LockState::new(true)),
         }))
+    }
+
+    fn lock_state(&self) -> std::sync::MutexGuard<'_, LockState> {
+        self.locks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The `locking` option; set before the node takes permissions. `off` lets go of any
+    /// lock held.
+    pub fn set_locking(&self, locking: Locking) {
+        let mut st = self.lock_state();
+        if !locking.enabled() {
+            st.release(self.io.file.fd());
+        }
+    }
+
+    /// Whether this node takes image locks.
+    pub fn locking(&self) -> bool {
+        self.lock_state().enabled
+    }
+
+    /// QEMU's `bdrv_check_perm` for this node: take the locks that `perm` (QEMU's
+    /// `BLK_PERM_*` bits) and not sharing what `shared` lacks need, keeping the current
+    /// ones, and fail with QEMU's text (`Failed to get "write" lock`, then a hint line) if
+    /// another user of the file conflicts. Follow with [`FileNode::set_perm`] or
+    /// [`FileNode::abort_perm`].
+    pub fn check_perm(&self, perm: u8, shared: u8) -> Result<()> {
+        self.lock_state()
+            .prepare(self.io.file.fd(), perm, shared, &self.filename)
+    }
+
+    /// Hold exactly the locks of `perm`/`shared` (after a successful check).
+    pub fn set_perm(&self, perm: u8, shared: u8) {
+        self.lock_state().commit(self.io.file.fd(), perm, shared);
+    }
+
+    /// Undo a [`FileNode::check_perm`].
+    pub fn abort_perm(&self) {
+        self.lock_state().abort(self.io.file.fd());
+    }
+
+    /// Check and take `perm`/`shared` in one step (an image opened outside the graph).
+    pub fn lock_perm(&self, perm: u8, shared: u8) -> Result<()> {
+        let mut st = self.lock_state();
+        st.prepare(self.io.file.fd(), perm, shared, &self.filename)?;
+        st.commit(self.io.file.fd(), perm, shared);
+        Ok(())
+    }
+
+    /// The permissions this node's locks stand for: (held, shared).
+    pub fn perm(&self) -> (u8, u8) {
+        let st = self.lock_state();
+        (st.perm, st.shared)
+    }
+
+    /// Reopen: this node (a fresh descriptor of `old`'s file) takes over `old`'s locks, and
+    /// `old` lets go of its own, as QEMU moves locks to the new descriptor before closing
+    /// the old one. With `old` not locking, neither does this node.
+    pub fn take_locks_from(&self, old: &FileNode) {
+        let mut prev = old.lock_state();
+        let mut st = self.lock_state();
+        if !prev.enabled {
+            st.release(self.io.file.fd());
+            return;
+        }
+        let snapshot = *prev;
+        prev.release(old.io.file.fd());
+        // Read locks of ours never conflict with each other; a failure here is the host's.
+        let _ = st.inherit(self.io.file.fd(), &snapshot);
     }
 
     /// Create (or truncate) a file; see [`create`].
@@ -618,6 +694,16 @@ impl BlockNode for FileNode {
 
     fn flush(&self) -> BoxFuture<'_, ()> {
         Box::pin(self.io.engine.fsync(Arc::clone(&self.io.file), true))
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let r = self.io.engine.fsync(Arc::clone(&self.io.file), true).await;
+            // The image is no longer ours to protect, even if a reference to the node
+            // outlives the close (QEMU closes the descriptor here).
+            self.lock_state().release(self.io.file.fd());
+            r
+        })
     }
 
     fn block_status(&self, offset: u64, len: u64) -> BoxFuture<'_, Extent> {

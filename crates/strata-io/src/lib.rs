@@ -15,5 +15,7 @@
 mod align;
 mod engine;
 mod file;
+mod lock;
 
 pub use file::{Aio, FileNode, FileOptions, create};
+pub use lock::{Locking, PERM_ALL};

@@ -57,7 +57,7 @@ pub struct Args {
     #[arg(long = "no-drain")]
     no_drain: bool,
     #[command(flatten)]
-    _force_share: ForceShareArg,
+    force_share: ForceShareArg,
     /// FILENAME
     #[arg(value_name = "FILENAME")]
     args: Vec<String>,
@@ -171,6 +171,7 @@ fn parse_plan(a: &Args) -> Result<Plan, Fail> {
 
 /// Run `bench`.
 pub fn run(a: Args) -> CmdResult {
+    a.force_share.apply();
     let plan = parse_plan(&a)?;
     let cache = match &a.cache {
         Some(c) => parse_cache(c).ok_or_else(|| Fail::msg("Invalid cache mode"))?,

@@ -10,6 +10,36 @@ use strata_qcow2::Qcow2;
 
 use crate::cli::{CacheMode, Fail};
 
+/// `-U` for the running command (qemu-img's `--force-share` applies to every image a
+/// command opens).
+static FORCE_SHARE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Set `-U` for the images this command opens.
+pub fn set_force_share(on: bool) {
+    FORCE_SHARE.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn force_share() -> bool {
+    FORCE_SHARE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Take the image locks a qcow2 node takes on its file (`node`, a bare `file` node): read
+/// consistently (and write and resize when writable), letting others only read — or share
+/// everything under `-U`. What `check` needs, which opens the file node itself.
+pub fn lock_as_qcow2_file(node: &NodeRef, read_only: bool) -> Result<(), Error> {
+    let Some(f) = node.as_any().downcast_ref::<strata_io::FileNode>() else {
+        return Ok(());
+    };
+    let (cr, w, wu, rs) = (0x01u8, 0x02u8, 0x04u8, 0x08u8);
+    let perm = if read_only { cr } else { cr | w | rs };
+    let shared = if force_share() {
+        strata_io::PERM_ALL
+    } else {
+        cr | wu
+    };
+    f.lock_perm(perm, shared)
+}
+
 /// How to open an image (qemu-img's flags for `img_open`).
 #[derive(Debug, Clone)]
 pub struct OpenOpts {
@@ -154,7 +184,11 @@ pub async fn open_raw_error(filename: &str, opts: &OpenOpts) -> Result<Image, Er
             direct: opts.cache.direct(),
             aio,
         };
-        let node: NodeRef = strata_io::FileNode::open(std::path::Path::new(filename), &fo)?;
+        let file = strata_io::FileNode::open(std::path::Path::new(filename), &fo)?;
+        // The tool's own use of the bare node: read (and write), sharing everything.
+        let perm = if opts.read_only { 0x01 } else { 0x03 };
+        file.lock_perm(perm, strata_io::PERM_ALL)?;
+        let node: NodeRef = file;
         return Ok(Image { node });
     }
     let io = ImageOptions {
@@ -167,7 +201,7 @@ pub async fn open_raw_error(filename: &str, opts: &OpenOpts) -> Result<Image, Er
         } else {
             BackingMode::Follow
         },
-        force_share: false,
+        force_share: force_share(),
         backing_writable: opts.backing_writable,
     };
     let img = strata_graph::open_image(filename, &io).await?;

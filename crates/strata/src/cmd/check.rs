@@ -19,7 +19,7 @@ pub struct Args {
     #[arg(short = 'r', long = "repair")]
     repair: Option<String>,
     #[command(flatten)]
-    _force_share: ForceShareArg,
+    force_share: ForceShareArg,
     /// Output format: human or json
     #[arg(long = "output")]
     output: Option<String>,
@@ -44,6 +44,7 @@ pub enum Repair {
 
 /// Run `check`.
 pub fn run(a: Args) -> CmdResult {
+    a.force_share.apply();
     let repair = match a.repair.as_deref() {
         None => Repair::None,
         Some("leaks") => Repair::Leaks,
@@ -93,6 +94,10 @@ fn exec(
                 .map_err(|e| Fail::msg(format!("Could not open '{filename}': {e}")))?
                 .to_string(),
         };
+        if format == "qcow2" {
+            crate::open::lock_as_qcow2_file(&node, repair == Repair::None)
+                .map_err(|e| Fail::msg(format!("Could not open '{filename}': {e}")))?;
+        }
         if format != "qcow2" {
             if crate::options::is_known_format(&format) {
                 return Err(Fail::msg("This image format does not support checks").with_code(63));

@@ -21,12 +21,20 @@ impl ProgressArgs {
     }
 }
 
-/// `-U`: accepted for compatibility; Strata does not lock images.
+/// `-U`: open images sharing every permission, so that images another process holds open
+/// (and locks) can still be read, as qemu-img's `--force-share`.
 #[derive(Debug, Clone, Copy, clap::Args)]
 pub struct ForceShareArg {
-    /// Open in shared mode (accepted; images are not locked)
+    /// Open in shared mode
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
+}
+
+impl ForceShareArg {
+    /// Make every image this command opens honour `-U` (qemu-img's flag is command-wide).
+    pub fn apply(self) {
+        crate::open::set_force_share(self.force_share);
+    }
 }
 
 /// The single positional image name, or qemu-img's usage error.

@@ -24,7 +24,7 @@ pub struct Args {
     #[command(flatten)]
     cache: SourceCacheArg,
     #[command(flatten)]
-    _force_share: ForceShareArg,
+    force_share: ForceShareArg,
     #[command(flatten)]
     pq: ProgressArgs,
     /// FILENAME1 FILENAME2
@@ -34,6 +34,7 @@ pub struct Args {
 
 /// Run `compare`.
 pub fn run(a: Args) -> CmdResult {
+    a.force_share.apply();
     let [f1, f2] = a.args.as_slice() else {
         return Err(Fail::usage("Expecting two image file names"));
     };

@@ -57,7 +57,7 @@ pub struct Args {
     #[arg(short = 'S', long = "sparse-size")]
     sparse: Option<String>,
     #[command(flatten)]
-    _force_share: ForceShareArg,
+    force_share: ForceShareArg,
     /// I/O rate limit (bytes per second)
     #[arg(short = 'r', long = "rate")]
     rate: Option<String>,
@@ -113,6 +113,7 @@ pub struct Request {
 
 /// Run `convert`.
 pub fn run(a: Args) -> CmdResult {
+    a.force_share.apply();
     let options = crate::options::accumulate(&a.options)?;
     let min_sparse = match &a.sparse {
         Some(s) => {

@@ -18,7 +18,7 @@ pub struct Args {
     #[arg(short = 'O', long = "output-format", default_value = "raw")]
     out_fmt: String,
     #[command(flatten)]
-    _force_share: ForceShareArg,
+    force_share: ForceShareArg,
     /// Operands: bs=, count=, skip=, if=, of=
     #[arg(value_name = "OPERAND")]
     operands: Vec<String>,
@@ -89,6 +89,7 @@ pub fn extent(ops: &DdOps, in_size: u64) -> (u64, Option<u64>) {
 
 /// Run `dd`.
 pub fn run(a: Args) -> CmdResult {
+    a.force_share.apply();
     let ops = parse_operands(&a.operands)?;
     exec(&ops, a.fmt.as_deref(), &a.out_fmt)
 }

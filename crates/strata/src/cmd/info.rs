@@ -22,7 +22,7 @@ pub struct Args {
     #[arg(short = 'b', long = "backing-chain")]
     chain: bool,
     #[command(flatten)]
-    _force_share: ForceShareArg,
+    force_share: ForceShareArg,
     /// Output format: human or json
     #[arg(long = "output")]
     output: Option<String>,
@@ -316,6 +316,7 @@ pub fn render(list: &[NodeInfo], fmt: OutputFormat, chain: bool) -> String {
 
 /// Run `info`.
 pub fn run(a: Args) -> CmdResult {
+    a.force_share.apply();
     let output = parse_output(a.output.as_deref())?;
     let filename = one_filename(&a.args)?;
     let list = collect_info_list(filename, a.format.fmt.as_deref(), a.chain)?;

@@ -20,7 +20,7 @@ pub struct Args {
     #[arg(long = "output")]
     output: Option<String>,
     #[command(flatten)]
-    _force_share: ForceShareArg,
+    force_share: ForceShareArg,
     /// FILENAME
     #[arg(value_name = "FILENAME")]
     args: Vec<String>,
@@ -28,6 +28,7 @@ pub struct Args {
 
 /// Run `map`.
 pub fn run(a: Args) -> CmdResult {
+    a.force_share.apply();
     let start = match &a.start_offset {
         Some(s) => cvtnum("start offset", s, true)? as u64,
         None => 0,

@@ -28,7 +28,7 @@ pub struct Args {
     #[arg(long = "output")]
     output: Option<String>,
     #[command(flatten)]
-    _force_share: ForceShareArg,
+    force_share: ForceShareArg,
     /// Measure for an image of this size
     #[arg(short = 's', long = "size")]
     size: Option<String>,
@@ -39,6 +39,7 @@ pub struct Args {
 
 /// Run `measure`.
 pub fn run(a: Args) -> CmdResult {
+    a.force_share.apply();
     let options = crate::options::accumulate(&a.options)?;
     let output = parse_output(a.output.as_deref())?;
     let size = match &a.size {

@@ -39,7 +39,7 @@ pub struct Args {
     #[arg(short = 'c', long = "compress")]
     compress: bool,
     #[command(flatten)]
-    _force_share: ForceShareArg,
+    force_share: ForceShareArg,
     #[command(flatten)]
     pq: ProgressArgs,
     /// FILENAME
@@ -49,6 +49,7 @@ pub struct Args {
 
 /// Run `rebase`.
 pub fn run(a: Args) -> CmdResult {
+    a.force_share.apply();
     let filename = one_filename(&a.args)?;
     if !a.unsafe_mode && a.backing.is_none() {
         return Err(Fail::usage(

@@ -26,7 +26,7 @@ pub struct Args {
     #[arg(short = 'd', long = "delete")]
     delete: Option<String>,
     #[command(flatten)]
-    _force_share: ForceShareArg,
+    force_share: ForceShareArg,
     /// Quiet mode
     #[arg(short = 'q', long = "quiet")]
     quiet: bool,
@@ -37,6 +37,7 @@ pub struct Args {
 
 /// Run `snapshot`.
 pub fn run(a: Args) -> CmdResult {
+    a.force_share.apply();
     let actions = usize::from(a.list)
         + usize::from(a.create.is_some())
         + usize::from(a.apply.is_some())

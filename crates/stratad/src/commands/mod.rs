@@ -165,6 +165,15 @@ pub fn opt_bool(a: &Args, key: &str) -> Option<bool> {
     a.get(key).and_then(Value::as_bool)
 }
 
+/// QEMU's error hints (`Is another process using the image [...]?`) are lines after the
+/// message; the command line prints them, QMP replies carry only the message.
+fn without_hint(mut e: QmpError) -> QmpError {
+    if let Some(i) = e.desc.find('\n') {
+        e.desc.truncate(i);
+    }
+    e
+}
+
 /// The QMP dispatcher for a daemon.
 #[derive(Debug, Clone)]
 pub struct DaemonDispatcher(pub Arc<Daemon>);
@@ -174,7 +183,7 @@ impl Dispatcher for DaemonDispatcher {
         let d = self.0.clone();
         Box::pin(async move {
             match COMMANDS.iter().find(|(n, _)| *n == command) {
-                Some((_, h)) => h(d, args).await,
+                Some((_, h)) => h(d, args).await.map_err(without_hint),
                 None => Err(QmpError::command_not_found(&command)),
             }
         })
