@@ -424,6 +424,8 @@ pub async fn backup_prepare(
     };
     let dev_node = lookup(device)?;
     let tgt_node = lookup(target)?;
+    crate::chain::check_not_busy(&g, device)?;
+    crate::chain::check_not_busy(&g, target)?;
 
     let sync = match sync_s {
         "full" => SyncMode::Full,

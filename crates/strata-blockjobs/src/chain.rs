@@ -251,3 +251,19 @@ pub(crate) enum OnStepError {
     /// End the job with this failure.
     Fail(JobFailure),
 }
+
+/// QEMU's op blockers for block jobs: every node a job holds (its pins, QEMU's
+/// `block_job_add_bdrv`) is busy for other jobs, whatever the permissions would allow —
+/// without this, two jobs could change the same node's chain under each other.
+pub(crate) fn check_not_busy(g: &Graph, node: &str) -> Result<(), CmdError> {
+    let job = g.parents_of(node).find_map(|e| match &e.user {
+        User::Job { kind, .. } => Some(*kind),
+        _ => None,
+    });
+    match job {
+        Some(kind) => Err(generic(format!(
+            "Node '{node}' is busy: block device is in use by block job: {kind}"
+        ))),
+        None => Ok(()),
+    }
+}

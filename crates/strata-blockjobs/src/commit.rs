@@ -408,8 +408,9 @@ pub async fn block_commit(env: &BlockJobEnv, args: &Map<String, Value>) -> Resul
             desc: format!("Device '{device}' not found"),
         });
     }
+    // A job holding the node makes it a non-root too (QEMU's job parents).
     if g.parents_of(device)
-        .any(|e| matches!(e.user, User::Node(_)))
+        .any(|e| matches!(e.user, User::Node(_) | User::Job { .. }))
     {
         return Err(generic("Need a root block node"));
     }
@@ -480,6 +481,9 @@ pub async fn block_commit(env: &BlockJobEnv, args: &Map<String, Value>) -> Resul
         )));
     };
     let intermediates: Vec<String> = chain[..base_idx].to_vec();
+    for n in &chain[..=base_idx] {
+        crate::chain::check_not_busy(&g, n)?;
+    }
     if is_active || required_on(&g, &top).contains(Perm::WRITE) {
         if safe && above_base_of(&g, &intermediates).is_some_and(|n| n != g.skip_filters(&top)) {
             return Err(generic(

@@ -307,6 +307,9 @@ async fn start(env: &BlockJobEnv, p: Params) -> Result<(), CmdError> {
     if !commit && !is_root(g, &p.source) {
         return Err(generic("Need a root block node"));
     }
+    if !commit {
+        crate::chain::check_not_busy(g, &p.target)?;
+    }
     let tgt_rec = g.node(&p.target).ok_or_else(|| not_found(&p.target))?;
     let tgt_node: NodeRef = tgt_rec.node.clone();
     let base_ro = tgt_rec.read_only;

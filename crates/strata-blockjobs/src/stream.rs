@@ -31,9 +31,9 @@ use strata_job::{
 
 use crate::chain::{
     OnStepError, arg_bool, arg_on_error, arg_speed, arg_str, backing_format, chain_contains,
-    chain_from, drop_unused_implicit, failure_text, filename_of, find_backing_image, freeze_links,
-    node_ref, not_found, pin, register_filter, release_pins, restore_ro, unfreeze,
-    write_backing_header,
+    chain_from, check_not_busy, drop_unused_implicit, failure_text, filename_of,
+    find_backing_image, freeze_links, node_ref, not_found, pin, register_filter, release_pins,
+    restore_ro, unfreeze, write_backing_header,
 };
 use crate::env::{BlockJobEnv, CmdError, SharedGraph, generic};
 use crate::parallel::parallel_copy_loop;
@@ -293,6 +293,9 @@ pub async fn block_stream(env: &BlockJobEnv, args: &Map<String, Value>) -> Resul
         .and_then(|b| chain.iter().position(|n| n == b))
         .unwrap_or(chain.len());
     let intermediates: Vec<String> = chain[1..base_idx.max(1)].to_vec();
+    for n in &chain[..base_idx.max(1)] {
+        check_not_busy(&g, n)?;
+    }
     let nothing = g.skip_filters(device) == bottom_name;
 
     // A read-only top becomes writable for the job.
