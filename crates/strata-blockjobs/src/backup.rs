@@ -273,6 +273,9 @@ impl BackupJob {
                 let (l, r) = done.map_err(|_| JobFailure::new("Job panicked"))?;
                 match r {
                     Ok(()) => ctx.rate_limit(l).await,
+                    // After a failure the workers still running only drain: the policy (and
+                    // the client, with one BLOCK_JOB_ERROR) hears of the first error, as qsd.
+                    Err(_) if failure.is_some() => {}
                     Err(e) => {
                         let (policy, op) = match e.op {
                             CopyOp::Read => (self.on_source_error, IoOperation::Read),
