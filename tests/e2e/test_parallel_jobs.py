@@ -153,11 +153,6 @@ def run_pair(kind, binary, name, workdir):
     return None, bad
 
 
-# stratad accepts these and gets the content wrong, some runs only (see
-# docs/PARALLEL_JOBS.md): xfail, not strict, until they are fixed or refused.
-KNOWN_WRONG = {"backup-stream-same-node"}
-
-
 # qsd's refusal texts for the pairs it refuses (stratad must give the same).
 REFUSALS = {
     "stream-stream-same-node": "Node 'l4' is busy: block device is in use by block job: stream",
@@ -181,6 +176,4 @@ def test_job_pair(kind, name):
     assert (err is None) == accepted, f"{kind} {name}: expected accepted={accepted}, got {err}"
     if err is not None and name in REFUSALS:
         assert REFUSALS[name] in err, f"{kind} {name}: {err}"
-    if kind == "stratad" and name in KNOWN_WRONG and bad:
-        pytest.xfail(f"known wrong content: {bad} (docs/PARALLEL_JOBS.md)")
     assert bad == [], bad

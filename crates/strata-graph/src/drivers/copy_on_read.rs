@@ -248,9 +248,11 @@ impl BlockNode for CopyOnReadNode {
         "copy-on-read"
     }
 
+    // `backing` too: a chain walk from above (a backup reading through this filter, block
+    // status for zero detection) must see the layers below the filtered node.
     forward_to_child!(file =>
-        filename, size, read_only, request_alignment, flush, block_status, truncate, file,
-        debug_event, allocated_size, close, as_any,
+        filename, size, read_only, request_alignment, flush, block_status, truncate, backing,
+        file, debug_event, allocated_size, close, as_any,
     );
 
     fn read(&self, offset: u64, buf: IoBuf) -> BoxFuture<'_, IoBuf> {
