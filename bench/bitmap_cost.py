@@ -5,7 +5,15 @@ Each daemon exports the same raw image over NBD with 0, 1 or 8 enabled bitmaps o
 `qemu-img bench -w` (4 KiB random writes, queue depth 32) runs against the export. The
 difference between 0 and 8 bitmaps is what marking costs per write. Medians of N runs.
 
-Usage: bench/bitmap_cost.py STRATAD [N]   (qemu-storage-daemon and qemu-img from PATH)
+`--persistent`: the cost of crash-safe persistent bitmaps instead. A 1 GiB qcow2 image with
+one persistent bitmap (64 KiB granules) is exported; the same writes run twice on it, first
+on fresh granules (each first write to a granule makes its bit durable before the data:
+a bitmap write plus a flush, shared by concurrent writers) and then again on the same
+granules (set on disk already: no extra I/O). stratad with write-intent logging (default),
+stratad with STRATA_BITMAP_WRITE_INTENT=off (QEMU's behaviour), and qsd.
+
+Usage: bench/bitmap_cost.py STRATAD [N] [--persistent]
+       (qemu-storage-daemon and qemu-img from PATH)
 """
 
 import os
@@ -42,6 +50,77 @@ def qmp(path, *cmds):
     s.close()
 
 
+def start(binary, blockdev, work, env=None):
+    sock, nbd = os.path.join(work, "qmp.sock"), os.path.join(work, "nbd.sock")
+    for p in (sock, nbd):
+        if os.path.exists(p):
+            os.unlink(p)
+    d = subprocess.Popen([binary,
+                          "--chardev", f"socket,id=c,path={sock},server=on,wait=off",
+                          "--monitor", "chardev=c",
+                          "--blockdev", blockdev,
+                          "--nbd-server", f"addr.type=unix,addr.path={nbd}",
+                          "--export", "type=nbd,id=e,node-name=disk,name=disk,writable=on"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         env={**os.environ, **(env or {})})
+    return d, sock, nbd
+
+
+def bench(nbd):
+    t = time.monotonic()
+    subprocess.run(["qemu-img", "bench", "-q", "-w", "-f", "raw", "-c", str(COUNT),
+                    "-s", "4k", "-d", "32", "-S", "1052672",
+                    f"nbd+unix:///disk?socket={nbd}"], check=True)
+    return time.monotonic() - t
+
+
+def run_persistent(binary, env, work):
+    """(fresh granules, same granules again) seconds, one daemon run each."""
+    img = os.path.join(work, "disk.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "1G"], check=True)
+    subprocess.run(["qemu-img", "bitmap", "--add", "-g", "64k", img, "b0"], check=True)
+    times = []
+    for _ in range(2):
+        d, sock, nbd = start(binary, "driver=qcow2,node-name=disk,file.driver=file,"
+                             f"file.filename={img}", work, env)
+        try:
+            qmp(sock)
+            times.append(bench(nbd))
+            qmp(sock, ("quit", {}))
+            d.wait(30)
+        finally:
+            if d.poll() is None:
+                d.terminate()
+                d.wait()
+    return times
+
+
+def main_persistent(stratad, n):
+    sides = [("qsd", "qemu-storage-daemon", None),
+             ("stratad, write-intent", stratad, None),
+             ("stratad, STRATA_BITMAP_WRITE_INTENT=off", stratad,
+              {"STRATA_BITMAP_WRITE_INTENT": "off"})]
+    res = {name: ([], []) for name, _, _ in sides}
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as work:
+        for _ in range(n):
+            for name, binary, env in sides:
+                fresh, again = run_persistent(binary, env, work)
+                res[name][0].append(fresh)
+                res[name][1].append(again)
+    print(f"qcow2 1 GiB, one persistent bitmap (64 KiB granules), 4 KiB writes over NBD, QD32, "
+          f"{COUNT} writes (step 1 MiB + 4 KiB: ~16k fresh granules), medians of {n} runs")
+    print("| daemon | fresh granules s | IOPS | same granules again s | IOPS |")
+    print("|---|---|---|---|---|")
+    med = {}
+    for name, _, _ in sides:
+        f, a = statistics.median(res[name][0]), statistics.median(res[name][1])
+        med[name] = (f, a)
+        print(f"| {name} | {f:.3f} | {COUNT / f:.0f} | {a:.3f} | {COUNT / a:.0f} |")
+    on, off = med["stratad, write-intent"], med["stratad, STRATA_BITMAP_WRITE_INTENT=off"]
+    print(f"write-intent cost per write: fresh {1e6 * (on[0] - off[0]) / COUNT:+.1f} µs, "
+          f"same granules {1e6 * (on[1] - off[1]) / COUNT:+.1f} µs")
+
+
 def run(binary, nbitmaps, work):
     img = os.path.join(work, "disk.raw")
     subprocess.run(["qemu-img", "create", "-q", "-f", "raw", img, "1G"], check=True)
@@ -71,8 +150,11 @@ def run(binary, nbitmaps, work):
 
 
 def main():
-    stratad = sys.argv[1]
-    n = int(sys.argv[2]) if len(sys.argv) > 2 else 5
+    args = [a for a in sys.argv[1:] if a != "--persistent"]
+    stratad = args[0]
+    n = int(args[1]) if len(args) > 1 else 5
+    if "--persistent" in sys.argv:
+        return main_persistent(stratad, n)
     qsd = "qemu-storage-daemon"
     rows = []
     with tempfile.TemporaryDirectory() as work:

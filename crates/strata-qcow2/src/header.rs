@@ -70,8 +70,13 @@ pub mod autoclear {
     pub const BITMAPS: u64 = 1 << 0;
     /// The external data file is a consistent raw image.
     pub const DATA_FILE_RAW: u64 = 1 << 1;
+    /// Strata's own: every `in-use` bitmap's on-disk copy is a superset of the writes since
+    /// it was stored (write-intent logging, `bitmap::intent`). The highest bit, away from
+    /// those the qcow2 spec hands out; a program that does not know it clears it when it
+    /// opens the image read-write, which withdraws the promise.
+    pub const STRATA_WRITE_INTENT: u64 = 1 << 63;
     /// Every bit this implementation knows.
-    pub const MASK: u64 = BITMAPS | DATA_FILE_RAW;
+    pub const MASK: u64 = BITMAPS | DATA_FILE_RAW | STRATA_WRITE_INTENT;
 }
 
 /// Header extension magics.

@@ -583,7 +583,7 @@ impl BlockNode for Qcow2 {
 
     fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BoxFuture<'_, IoBuf> {
         Box::pin(async move {
-            self.track_write(offset, buf.len() as u64);
+            self.before_write(offset, buf.len() as u64).await?;
             let buf = self.do_write(offset, buf).await?;
             if flags.fua {
                 self.do_flush().await?;
@@ -594,14 +594,14 @@ impl BlockNode for Qcow2 {
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            self.track_write(offset, len);
+            self.before_write(offset, len).await?;
             self.do_write_zeroes(offset, len, flags).await
         })
     }
 
     fn discard(&self, offset: u64, len: u64) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            self.track_write(offset, len);
+            self.before_write(offset, len).await?;
             self.do_discard(offset, len).await
         })
     }
@@ -611,6 +611,7 @@ impl BlockNode for Qcow2 {
             if self.read_only {
                 return Ok(());
             }
+            self.write_out_bitmaps().await?;
             self.do_flush().await
         })
     }

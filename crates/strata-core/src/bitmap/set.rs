@@ -6,7 +6,7 @@
 //! formats that persist bitmaps, the driver (load on open, store on close). The lock is a
 //! `parking_lot` mutex held only for in-memory work, never across an `.await`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
@@ -216,6 +216,12 @@ pub struct BitmapSet {
     /// Some bitmap or successor records writes: [`BitmapSet::mark`] checks it without the
     /// lock.
     recording: AtomicBool,
+    /// Bumped whenever bits are set other than by [`BitmapSet::mark`] (merge, restore,
+    /// reclaim): a driver keeping an on-disk superset must write those out.
+    grown: AtomicU64,
+    /// Bumped whenever bits may have been cleared (clear, abdicate, restore, remove...): a
+    /// driver keeping an on-disk superset may then write the smaller set out lazily.
+    changed: AtomicU64,
 }
 
 impl BitmapSet {
@@ -227,7 +233,31 @@ impl BitmapSet {
                 list: Vec::new(),
             }),
             recording: AtomicBool::new(false),
+            grown: AtomicU64::new(0),
+            changed: AtomicU64::new(0),
         }
+    }
+
+    fn bump(&self, grown: bool) {
+        if grown {
+            self.grown.fetch_add(1, Ordering::AcqRel);
+        }
+        self.changed.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// How many times bits were set other than by [`BitmapSet::mark`].
+    pub fn grow_count(&self) -> u64 {
+        self.grown.load(Ordering::Acquire)
+    }
+
+    /// How many times bits were changed other than by [`BitmapSet::mark`].
+    pub fn change_count(&self) -> u64 {
+        self.changed.load(Ordering::Acquire)
+    }
+
+    /// Whether [`BitmapSet::mark`] sets bits of `name` (it records, or its successor does).
+    pub fn is_recording(&self, name: &str) -> bool {
+        self.state.lock().get(name).is_ok_and(Entry::recording)
     }
 
     fn refresh(&self, s: &State) {
@@ -290,6 +320,7 @@ impl BitmapSet {
             successor: None,
         });
         self.refresh(&s);
+        self.bump(false);
         Ok(())
     }
 
@@ -338,6 +369,7 @@ impl BitmapSet {
         s.list[i].check(CheckFlags::BUSY | CheckFlags::READ_ONLY)?;
         let e = s.list.remove(i);
         self.refresh(&s);
+        self.bump(false);
         Ok(e.info())
     }
 
@@ -349,6 +381,7 @@ impl BitmapSet {
         e.check(CheckFlags::DEFAULT)?;
         let old = e.bitmap.clone();
         e.bitmap.clear();
+        self.bump(false);
         Ok(old)
     }
 
@@ -364,6 +397,7 @@ impl BitmapSet {
             ));
         }
         e.bitmap = bitmap;
+        self.bump(true);
         Ok(())
     }
 
@@ -386,6 +420,7 @@ impl BitmapSet {
         let was = e.enabled;
         e.enabled = on;
         self.refresh(&s);
+        self.bump(false);
         Ok(was)
     }
 
@@ -421,6 +456,7 @@ impl BitmapSet {
         e.check(CheckFlags::DEFAULT)?;
         let old = e.bitmap.clone();
         e.bitmap.merge(&anon).map_err(Error::invalid)?;
+        self.bump(true);
         Ok(old)
     }
 
@@ -515,6 +551,7 @@ impl BitmapSet {
         e.enabled = sc.enabled;
         e.busy = false;
         self.refresh(&s);
+        self.bump(false);
         Ok(())
     }
 
@@ -532,6 +569,7 @@ impl BitmapSet {
         e.enabled = sc.enabled;
         e.busy = false;
         self.refresh(&s);
+        self.bump(true);
         Ok(())
     }
 
@@ -598,6 +636,7 @@ impl BitmapSet {
         let mut s = self.state.lock();
         s.list.retain(|e| !names.contains(&e.name));
         self.refresh(&s);
+        self.bump(false);
     }
 }
 

@@ -14,22 +14,30 @@
 //! consistent persistent bitmap in new clusters (data, then table, then directory, all
 //! durable before the header points at them), clears `in-use`, frees the old clusters and
 //! releases the stored bitmaps from the set.
+//!
+//! Crash safety ([`intent`]): a read-write open with only consistent bitmaps rewrites them
+//! as fully allocated copies kept a superset of the live bits, and sets Strata's autoclear
+//! bit; an open that finds `in-use` bitmaps with that bit still set loads those copies.
 
 pub mod directory;
+pub(crate) mod intent;
 pub mod table;
 
 use std::sync::Arc;
 use std::sync::Mutex as StdMutex;
 
 use strata_core::bitmap::{
-    BitmapSet, CheckFlags, LoadedState, check_add_args, inconsistent_error, not_found_error,
+    BitmapSet, CheckFlags, LoadedState, StoredBitmap, check_add_args, inconsistent_error,
+    not_found_error,
 };
 use strata_core::{BlockNode, Error, ErrorKind, Result};
 
 pub use strata_core::bitmap::DirtyBitmap;
 
 use self::directory::{DirEntry, FLAG_AUTO, FLAG_IN_USE, TYPE_DIRTY_TRACKING};
+use self::intent::{DiskCopy, WriteIntent};
 use self::table::TableEntry;
+use crate::header::autoclear::STRATA_WRITE_INTENT;
 use crate::header::{BitmapsExt, MAX_BITMAP_DIRECTORY_SIZE, MAX_BITMAPS, autoclear};
 use crate::meta::Meta;
 use crate::node::Qcow2;
@@ -64,6 +72,13 @@ pub(crate) struct Bitmaps {
     pub(crate) set: Arc<BitmapSet>,
     /// The directory as last written (or read): what `info` shows.
     disk: StdMutex<Vec<DirEntry>>,
+    /// The on-disk copies kept for crash safety.
+    pub(crate) intent: WriteIntent,
+    /// What the open found about bitmaps left `in-use` (why they were recovered or not).
+    notes: Vec<String>,
+    /// The names in the directory at open: bitmaps written to the directory later (kept
+    /// copies of bitmaps added while open) are stored at close as QEMU stores new ones.
+    from_open: Vec<String>,
 }
 
 fn readonly_error(name: &str) -> Error {
@@ -141,10 +156,25 @@ impl Bitmaps {
         let read_only = m.read_only;
         let size = m.h.size;
         let set = Arc::new(BitmapSet::new(size));
+        let intent = WriteIntent::default();
+        let mut notes = Vec::new();
+        // Our promise holds only for the directory it was made for: gone on any write.
+        let trusted = m.h.autoclear_features & STRATA_WRITE_INTENT != 0;
         let Some(ext) = m.h.bitmaps else {
+            if trusted && !read_only {
+                m.h.autoclear_features &= !STRATA_WRITE_INTENT;
+                m.write_header().await?;
+                m.sync().await?;
+            }
+            if !read_only && !write_intent_disabled() {
+                intent.allow_adoption(m.cs, &set);
+            }
             return Ok(Bitmaps {
                 set,
                 disk: StdMutex::new(Vec::new()),
+                intent,
+                notes,
+                from_open: Vec::new(),
             });
         };
         let bytes = m
@@ -152,14 +182,20 @@ impl Bitmaps {
             .await?;
         let mut disk = directory::parse(&bytes, ext.nb_bitmaps, m.cs, size)?;
         let mut loaded = false;
+        let mut any_inconsistent = false;
         for e in &disk {
+            let inconsistent = e.in_use() && !trusted;
+            if e.in_use() {
+                notes.push(in_use_note(&e.name, trusted));
+            }
             let st = LoadedState {
                 recording: e.auto(),
                 persistent: true,
-                inconsistent: e.in_use(),
+                inconsistent,
                 read_only,
             };
-            let data = if e.in_use() {
+            let data = if inconsistent {
+                any_inconsistent = true;
                 DirtyBitmap::new(size, 1u64 << e.granularity_bits)
             } else {
                 loaded = true;
@@ -168,15 +204,68 @@ impl Bitmaps {
             set.insert_loaded(&e.name, data, st)?;
         }
         set_areas(m, &disk);
-        if loaded && !read_only {
-            for e in disk.iter_mut() {
-                e.flags |= FLAG_IN_USE;
-            }
-            update_dir_in_place(m, &disk, ext).await?;
+        if !read_only {
+            // Set again below only if every bitmap gets a kept copy.
+            m.h.autoclear_features &= !STRATA_WRITE_INTENT;
         }
+        if loaded && !read_only {
+            let mut kept = false;
+            if any_inconsistent {
+                notes.push(
+                    "persistent bitmaps are not crash-safe in this session: an inconsistent \
+                     bitmap is in the image (remove it to get them back)"
+                        .to_string(),
+                );
+            } else if write_intent_disabled() {
+                notes.push(
+                    "persistent bitmaps are not crash-safe in this session: \
+                     STRATA_BITMAP_WRITE_INTENT=off"
+                        .to_string(),
+                );
+            } else {
+                match start_write_intent(m, &disk, &set).await {
+                    Ok((new_disk, copies)) => {
+                        for old in std::mem::replace(&mut disk, new_disk) {
+                            free_bitmap_clusters(m, &old).await;
+                        }
+                        intent.activate(copies, m.cs, &set);
+                        kept = true;
+                    }
+                    Err(e) => {
+                        m.h.autoclear_features &= !STRATA_WRITE_INTENT;
+                        notes.push(format!(
+                            "persistent bitmaps are not crash-safe in this session: {}",
+                            e.message()
+                        ));
+                    }
+                }
+            }
+            if !kept {
+                // Without kept copies the bitmaps are only `in-use`, as QEMU's.
+                let ext = m.h.bitmaps.unwrap_or(ext);
+                for e in disk.iter_mut() {
+                    e.flags |= FLAG_IN_USE;
+                }
+                update_dir_in_place(m, &disk, ext).await?;
+            }
+        } else if trusted && !read_only {
+            m.write_header().await?;
+            m.sync().await?;
+        }
+        // QEMU prints its bitmap warnings on stderr too; these say what an unclean stop did.
+        // Not on read-only opens: `in-use` may just mean another process has it open.
+        if !read_only {
+            for n in &notes {
+                eprintln!("strata: {n}");
+            }
+        }
+        let from_open = disk.iter().map(|e| e.name.clone()).collect();
         Ok(Bitmaps {
             set,
             disk: StdMutex::new(disk),
+            intent,
+            notes,
+            from_open,
         })
     }
 
@@ -241,10 +330,96 @@ impl Bitmaps {
         Ok(())
     }
 
-    /// Follow a resize: new bits are clean, bits past the end are dropped.
+    /// Follow a resize: new bits are clean, bits past the end are dropped. The kept copies
+    /// no longer fit: crash safety ends for this session.
     pub(crate) fn resized(&self, new_size: u64) {
+        self.intent.mark_stale();
         self.set.resize(new_size);
     }
+}
+
+/// `STRATA_BITMAP_WRITE_INTENT=off`: persistent bitmaps behave as QEMU's (no flush before
+/// the first write to a granule, inconsistent after an unclean stop). For measuring the cost,
+/// or a disk where that flush hurts more than a full backup after a crash.
+fn write_intent_disabled() -> bool {
+    std::env::var("STRATA_BITMAP_WRITE_INTENT").is_ok_and(|v| v == "off")
+}
+
+/// Why a bitmap found `in-use` at open is (or is not) trusted.
+fn in_use_note(name: &str, trusted: bool) -> String {
+    if trusted {
+        format!(
+            "bitmap '{name}' was in use when the image was last closed (unclean stop); \
+             loaded its write-intent copy, a superset of the writes since it was stored"
+        )
+    } else {
+        format!(
+            "bitmap '{name}' was in use when the image was last closed and the image has \
+             no Strata write-intent record (not closed cleanly by QEMU, or opened read-write \
+             by a program that does not keep one): it is inconsistent, a full backup is needed"
+        )
+    }
+}
+
+/// Rewrite every bitmap of `disk` as a fully allocated copy marked `in-use`, and point the
+/// header at the new directory with our autoclear bit set. Returns the new directory and
+/// the copies; the old clusters are the caller's to free. On error the old directory rules
+/// (new clusters only leak).
+async fn start_write_intent(
+    m: &mut Meta,
+    disk: &[DirEntry],
+    set: &BitmapSet,
+) -> Result<(Vec<DirEntry>, Vec<DiskCopy>)> {
+    let mut new_disk = Vec::with_capacity(disk.len());
+    let mut copies = Vec::with_capacity(disk.len());
+    for e in disk {
+        let d = set
+            .snapshot(&e.name)
+            .ok_or_else(|| not_found_error(&e.name))?;
+        let (entry, copy) = store_full(m, e, &d).await?;
+        new_disk.push(entry);
+        copies.push(copy);
+    }
+    m.sync_increments().await?;
+    m.sync().await?;
+    m.h.autoclear_features |= STRATA_WRITE_INTENT;
+    write_dir(m, &new_disk).await?;
+    Ok((new_disk, copies))
+}
+
+/// Write bitmap `e`'s bits `d` into one data cluster per table entry (even all-zero ones,
+/// so a write never has to allocate) and a new table; the entry keeps its flags, `in-use`
+/// set.
+async fn store_full(m: &mut Meta, e: &DirEntry, d: &DirtyBitmap) -> Result<(DirEntry, DiskCopy)> {
+    let cs = m.cs;
+    let n = table::table_entries(d.size(), e.granularity_bits, cs);
+    if n > table::MAX_TABLE_SIZE || n * cs > table::MAX_PHYS_SIZE {
+        return Err(Error::invalid(format!("Bitmap '{}' is too big", e.name)));
+    }
+    let bytes = d.serialize_part(0, (n * cs) as usize);
+    let data = if n == 0 {
+        0
+    } else {
+        m.alloc_clusters(n).await?
+    };
+    m.check_overlap(data, n * cs, false)?;
+    if n > 0 {
+        m.write_at(data, &bytes).await?;
+    }
+    let clusters: Vec<u64> = (0..n).map(|i| data + i * cs).collect();
+    let tbytes: Vec<u8> = clusters.iter().flat_map(|x| x.to_be_bytes()).collect();
+    let toff = m.alloc_clusters((tbytes.len() as u64).div_ceil(cs)).await?;
+    m.check_overlap(toff, tbytes.len() as u64, false)?;
+    m.write_at(toff, &tbytes).await?;
+    let nbits = d.size().div_ceil(d.granularity());
+    let copy = DiskCopy::new(&e.name, e.granularity_bits, nbits, bytes, clusters);
+    let entry = DirEntry {
+        table_offset: toff,
+        table_size: n as u32,
+        flags: e.flags | FLAG_IN_USE,
+        ..e.clone()
+    };
+    Ok((entry, copy))
 }
 
 /// Overlap-check areas: the directory and the bitmap tables.
@@ -287,7 +462,7 @@ async fn write_dir(m: &mut Meta, disk: &[DirEntry]) -> Result<()> {
     let old = m.h.bitmaps;
     if disk.is_empty() {
         m.h.bitmaps = None;
-        m.h.autoclear_features &= !autoclear::BITMAPS;
+        m.h.autoclear_features &= !(autoclear::BITMAPS | STRATA_WRITE_INTENT);
     } else {
         if disk.len() > MAX_BITMAPS as usize {
             return Err(Error::invalid("Too many persistent bitmaps"));
@@ -372,9 +547,150 @@ async fn store_one(
 }
 
 impl Qcow2 {
-    /// Write-path hook: mark `[offset, offset + len)` in the recording bitmaps.
-    pub(crate) fn track_write(&self, offset: u64, len: u64) {
-        self.bitmaps.set.mark(offset, len);
+    /// Write-path hook, before the data is issued: mark `[offset, offset + len)` in the
+    /// recording bitmaps and, when their copies are kept, make the bits durable on disk.
+    pub(crate) async fn before_write(&self, offset: u64, len: u64) -> Result<()> {
+        let b = &self.bitmaps;
+        if b.intent.may_adopt(&b.set) {
+            self.keep_new_bitmaps().await;
+        }
+        b.intent
+            .before_write(&b.set, &self.file, &self.meta, offset, len)
+            .await
+    }
+
+    /// Flush hook: write the kept copies out (bits cleared since, bits merged in).
+    pub(crate) async fn write_out_bitmaps(&self) -> Result<()> {
+        let b = &self.bitmaps;
+        if b.intent.may_adopt(&b.set) {
+            self.keep_new_bitmaps().await;
+        }
+        b.intent.write_out(&b.set, &self.file, false).await
+    }
+
+    /// Give persistent bitmaps added since the open a kept copy and a directory entry
+    /// (`in-use`), starting write-intent logging if it was not on. Until this is done a
+    /// crash loses such a bitmap entirely, as QEMU does; never does it bring one back
+    /// incomplete: the entry reaches the directory only once its copy is durable and a
+    /// superset. On failure the bitmap stays as QEMU keeps it (stored at close).
+    async fn keep_new_bitmaps(&self) {
+        let b = &self.bitmaps;
+        let mut m = self.meta.lock().await;
+        let seen = b.set.change_count();
+        if !b.intent.may_adopt(&b.set) {
+            return; // another writer did it
+        }
+        let fresh: Vec<StoredBitmap> = {
+            let disk = b.disk.lock().unwrap();
+            b.set
+                .persistent_bitmaps()
+                .into_iter()
+                .filter(|p| !disk.iter().any(|e| e.name == p.name) && !b.intent.has_copy(&p.name))
+                .collect()
+        };
+        if !fresh.is_empty() {
+            if let Err(e) = self.keep_copies_of(&mut m, &fresh).await {
+                eprintln!(
+                    "strata: new persistent bitmaps are not crash-safe until the image is \
+                     reopened: {}",
+                    e.message()
+                );
+                for p in &fresh {
+                    b.intent.forget(&p.name).await;
+                }
+                if !b.intent.is_active() {
+                    m.h.autoclear_features &= !STRATA_WRITE_INTENT;
+                }
+            }
+            self.publish_header(&m);
+        }
+        if b.intent.is_active()
+            && let Err(e) = self.store_recording_flags(&mut m).await
+        {
+            eprintln!(
+                "strata: could not record a bitmap's enabled state in the image: {}",
+                e.message()
+            );
+        }
+        b.intent.adopted(seen);
+    }
+
+    /// Keep the `auto` flags on disk in step with enable/disable, so a bitmap recovered
+    /// after a crash records writes exactly when it did before (one enabled since the open
+    /// would otherwise come back disabled and miss the writes after the restart).
+    async fn store_recording_flags(&self, m: &mut Meta) -> Result<()> {
+        let b = &self.bitmaps;
+        let mut disk = b.disk.lock().unwrap().clone();
+        let mut changed = false;
+        for e in disk.iter_mut() {
+            let Some(info) = b.set.get_info(&e.name).filter(|i| !i.inconsistent) else {
+                continue;
+            };
+            let flags = if info.recording {
+                e.flags | FLAG_AUTO
+            } else {
+                e.flags & !FLAG_AUTO
+            };
+            changed |= flags != e.flags;
+            e.flags = flags;
+        }
+        let Some(ext) = m.h.bitmaps.filter(|_| changed) else {
+            return Ok(());
+        };
+        update_dir_in_place(m, &disk, ext).await?;
+        *b.disk.lock().unwrap() = disk;
+        self.publish_header(m);
+        Ok(())
+    }
+
+    async fn keep_copies_of(&self, m: &mut Meta, fresh: &[StoredBitmap]) -> Result<()> {
+        let b = &self.bitmaps;
+        self.check_writable()?;
+        let mut entries = Vec::new();
+        let mut copies = Vec::new();
+        for p in fresh {
+            let d = &p.bitmap;
+            table::check_constraints(&p.name, d.granularity(), d.size(), m.cs)
+                .map_err(Error::invalid)?;
+            let template = DirEntry {
+                table_offset: 0,
+                table_size: 0,
+                flags: if p.recording { FLAG_AUTO } else { 0 },
+                kind: TYPE_DIRTY_TRACKING,
+                granularity_bits: d.granularity().trailing_zeros() as u8,
+                name: p.name.clone(),
+                extra: Vec::new(),
+            };
+            let (entry, copy) = store_full(m, &template, d).await?;
+            entries.push(entry);
+            copies.push(copy);
+        }
+        m.sync_increments().await?;
+        m.sync().await?;
+        // Writes mark the copies from now on; the forced write-out adds what was written
+        // since the snapshot above, so the copies are a superset before the directory
+        // names them.
+        b.intent.add_copies(copies);
+        b.intent.write_out(&b.set, &self.file, true).await?;
+        let mut disk = b.disk.lock().unwrap().clone();
+        disk.extend(entries);
+        m.h.autoclear_features |= STRATA_WRITE_INTENT;
+        write_dir(m, &disk).await?;
+        *b.disk.lock().unwrap() = disk;
+        b.intent.set_active();
+        Ok(())
+    }
+
+    /// What the open found about bitmaps left `in-use` by an unclean stop: which were
+    /// recovered from their write-intent copy and which are inconsistent, and why.
+    pub fn bitmap_notes(&self) -> &[String] {
+        &self.bitmaps.notes
+    }
+
+    /// Whether the persistent bitmaps are crash-safe in this session (their copies are
+    /// kept under Strata's autoclear bit).
+    pub fn bitmaps_crash_safe(&self) -> bool {
+        self.bitmaps.intent.is_active()
     }
 
     /// The node's live bitmap set (also [`strata_core::BlockNode::dirty_bitmaps`]).
@@ -516,6 +832,10 @@ impl Qcow2 {
             )
         })?;
         *self.bitmaps.disk.lock().unwrap() = disk;
+        self.bitmaps.intent.forget(name).await;
+        if m.h.bitmaps.is_none() {
+            self.bitmaps.intent.deactivate().await;
+        }
         free_bitmap_clusters(&mut m, &old).await;
         self.publish_header(&m);
         drop(m);
@@ -565,8 +885,16 @@ impl Qcow2 {
             return Ok(());
         }
         self.check_writable()?;
-        let mut disk = self.bitmaps.disk.lock().unwrap().clone();
-        let mut drop_old = Vec::new();
+        // Entries written since the open (kept copies) go as if new: QEMU's order, and
+        // their copies are freed with the other old clusters.
+        let (mut disk, mut drop_old): (Vec<DirEntry>, Vec<DirEntry>) = self
+            .bitmaps
+            .disk
+            .lock()
+            .unwrap()
+            .iter()
+            .cloned()
+            .partition(|e| self.bitmaps.from_open.contains(&e.name));
         let mut new_entries = Vec::new();
         let res: Result<()> = async {
             // QEMU walks the node's bitmap list newest first: stored bitmaps keep their
@@ -590,10 +918,16 @@ impl Qcow2 {
             // Data and tables are durable (with their refcounts) before the directory.
             m.sync_increments().await?;
             m.sync().await?;
+            // Stored cleanly: nothing `in-use` is left to vouch for.
+            m.h.autoclear_features &= !STRATA_WRITE_INTENT;
             write_dir(&mut m, &disk).await
         }
         .await;
         if let Err(e) = res {
+            if self.bitmaps.intent.is_active() {
+                // The old directory and its kept copies still rule.
+                m.h.autoclear_features |= STRATA_WRITE_INTENT;
+            }
             // The old directory still rules: the new clusters only leak.
             for e in &new_entries {
                 free_bitmap_clusters(&mut m, e).await;
@@ -602,6 +936,8 @@ impl Qcow2 {
             return Err(e);
         }
         *self.bitmaps.disk.lock().unwrap() = disk;
+        // Before the kept copies' clusters are freed below.
+        self.bitmaps.intent.deactivate().await;
         let names: Vec<String> = taken.into_iter().map(|b| b.name).collect();
         self.bitmaps.set.release(&names);
         for old in &drop_old {
