@@ -260,8 +260,21 @@ impl BackupJob {
                     match self.bcs.next_dirty_area(pos, chunk) {
                         Some((o, l)) => {
                             pos = o + l;
+                            // Under a speed limit a copy starts only when the limit has
+                            // room; unlimited, it is accounted (a yield) as it completes.
+                            let admitted = ctx.speed() > 0;
+                            if admitted {
+                                ctx.rate_admit(l).await;
+                            }
                             let bcs = self.bcs.clone();
-                            tasks.spawn(async move { (l, bcs.copy_range(o, l).await) });
+                            tasks.spawn(async move {
+                                let acct = if admitted { 0 } else { l };
+                                (acct, bcs.copy_range(o, l).await)
+                            });
+                            if admitted {
+                                // Reap and report before waiting for room for the next.
+                                break;
+                            }
                         }
                         None => filling = false,
                     }
@@ -270,9 +283,9 @@ impl BackupJob {
                     break;
                 };
                 self.report(&ctx, &mut reported);
-                let (l, r) = done.map_err(|_| JobFailure::new("Job panicked"))?;
+                let (acct, r) = done.map_err(|_| JobFailure::new("Job panicked"))?;
                 match r {
-                    Ok(()) => ctx.rate_limit(l).await,
+                    Ok(()) => ctx.rate_limit(acct).await,
                     // After a failure the workers still running only drain: the policy (and
                     // the client, with one BLOCK_JOB_ERROR) hears of the first error, as qsd.
                     Err(_) if failure.is_some() => {}

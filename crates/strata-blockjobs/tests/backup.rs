@@ -640,3 +640,42 @@ async fn compressed_and_top_backups() {
         "the rest stays in the backing file: {info}"
     );
 }
+
+/// `speed` bounds the copy while it runs, not only on average: with 64 workers a copy is
+/// admitted only when the limit has room (QEMU's block-copy), so a 32 MiB backup at 4 MiB/s
+/// has copied about 4 MiB after one second (it used to report 32 MiB and then sleep).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_speed_limits_copies_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = qcow2_image(
+        dir.path(),
+        "src.qcow2",
+        32 * MIB,
+        None,
+        &["write -P 7 0 32M"],
+    );
+    let t = qcow2_image(dir.path(), "t.qcow2", 32 * MIB, None, &[]);
+    let e = Env::new();
+    e.add_qcow2("src", &src).await;
+    e.add_qcow2("t", &t).await;
+    blockdev_backup(
+        &e.env,
+        &args(
+            json!({"job-id": "b", "device": "src", "target": "t", "sync": "full",
+                     "speed": 4 * MIB, "x-perf": {"max-workers": 64}}),
+        ),
+        None,
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+    let info = e.env.jobs.query_jobs();
+    let done = info[0]["current-progress"].as_u64().unwrap();
+    // 1 s at 4 MiB/s, plus the copy admitted at once and the one running: 1 MiB chunks.
+    assert!(
+        (2 * MIB..=7 * MIB).contains(&done),
+        "copied {done} bytes after 1 s at 4 MiB/s"
+    );
+    e.env.jobs.block_job_cancel("b", true).unwrap();
+    e.wait_gone("b").await;
+}

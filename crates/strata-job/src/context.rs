@@ -263,6 +263,15 @@ impl JobContext {
         }
     }
 
+    /// Waits until the speed limit has room, then accounts `bytes` about to be processed
+    /// (QEMU's block-copy: a copy is counted when it starts, so copies running in parallel
+    /// cannot overshoot the speed the way accounting at completion lets them).
+    pub async fn rate_admit(&self, bytes: u64) {
+        self.rate_limit(0).await;
+        let now = Instant::now();
+        self.with(|_, e| e.limit.calculate_delay(bytes, now));
+    }
+
     /// The current speed limit in bytes/s (0 = unlimited).
     pub fn speed(&self) -> u64 {
         self.with(|_, e| e.speed).unwrap_or(0)
