@@ -174,14 +174,14 @@ enum Builtin {
     Number,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Member {
     name: String,
     ty: String,
     optional: bool,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Ty {
     Builtin(Builtin),
     Object {
@@ -257,15 +257,23 @@ impl Schema {
         }
         for m in list("members") {
             let command = field(&m, "command")?;
-            let arg = self
-                .command_arg_type(&command)
-                .ok_or_else(|| format!("extension for unknown command {command}"))?
-                .to_string();
             let member = Member {
                 name: field(&m, "name")?,
                 ty: field(&m, "type")?,
                 optional: true,
             };
+            let mut arg = self.own_arg_type(&command)?;
+            // `"variant": "nbd"`: a member of the union branch for that tag value.
+            if let Some(tag_value) = m.get("variant").and_then(Value::as_str) {
+                arg = match self.types.get(&arg) {
+                    Some(Ty::Object { variants, .. }) => variants
+                        .iter()
+                        .find(|(v, _)| v == tag_value)
+                        .map(|(_, t)| t.clone())
+                        .ok_or_else(|| format!("{command} has no variant {tag_value}"))?,
+                    _ => return Err(format!("{command}'s arguments are not a union")),
+                };
+            }
             match self.types.get_mut(&arg) {
                 Some(Ty::Object { members, .. }) => members.push(member),
                 _ => return Err(format!("{command}'s arguments are not an object")),
@@ -289,6 +297,30 @@ impl Schema {
             }
         }
         Ok(())
+    }
+
+    /// `command`'s argument type, made its own first if other commands share it (QEMU's
+    /// introspection gives every command without arguments the same empty object), so an
+    /// extension member reaches this command only.
+    fn own_arg_type(&mut self, command: &str) -> Result<String, String> {
+        let arg = self
+            .command_arg_type(command)
+            .ok_or_else(|| format!("extension for unknown command {command}"))?
+            .to_string();
+        if self.commands.iter().filter(|c| c.1 == arg).count() < 2 {
+            return Ok(arg);
+        }
+        let ty = self
+            .types
+            .get(&arg)
+            .cloned()
+            .ok_or_else(|| format!("{command}'s argument type {arg} is unknown"))?;
+        let own = format!("x-args-{command}");
+        self.types.insert(own.clone(), ty);
+        for c in self.commands.iter_mut().filter(|c| c.0 == command) {
+            c.1 = own.clone();
+        }
+        Ok(own)
     }
 
     /// The type name of member `member` of `command`'s arguments.

@@ -29,15 +29,27 @@ struct ExportRec {
     edge: EdgeId,
     /// Its data path (follows pivots).
     link: Arc<Link>,
+    /// The NBD server serving it (`""`: the default one).
+    server: String,
     /// Bitmaps it made busy: (node, bitmap).
     bitmaps: Vec<(Arc<BitmapSet>, String)>,
 }
 
-/// The NBD server (one, as in QEMU) and the exports by id.
+/// The NBD servers and the exports by id. QEMU runs one server; Strata's `x-id` names more
+/// (`""` is the default server, the one a QEMU client starts and stops).
 #[derive(Default)]
 pub struct NbdState {
-    server: Option<Arc<NbdServer>>,
+    servers: BTreeMap<String, Arc<NbdServer>>,
     exports: BTreeMap<String, ExportRec>,
+}
+
+/// QEMU's texts for the default server, with the name for the others.
+fn server_error(id: &str, what: &str) -> String {
+    if id.is_empty() {
+        format!("NBD server {what}")
+    } else {
+        format!("NBD server '{id}' {what}")
+    }
 }
 
 impl std::fmt::Debug for NbdState {
@@ -104,8 +116,9 @@ pub fn listen_addr(addr: &Value) -> Result<ListenAddr, String> {
 /// Start the server (from `--nbd-server` or `nbd-server-start`).
 pub async fn start_server(d: &Daemon, a: &Args) -> Result<(), String> {
     let mut st = d.nbd.lock().await;
-    if st.server.is_some() {
-        return Err("NBD server already running".into());
+    let id = opt_str(a, "x-id").unwrap_or_default().to_string();
+    if st.servers.contains_key(&id) {
+        return Err(server_error(&id, "already running"));
     }
     let addr = listen_addr(a.get("addr").unwrap_or(&Value::Null))?;
     let opts = ServerOptions {
@@ -138,7 +151,7 @@ pub async fn start_server(d: &Daemon, a: &Args) -> Result<(), String> {
     let server = NbdServer::start_with_tls(addr, opts, tls)
         .await
         .map_err(|e| e.to_string())?;
-    st.server = Some(server);
+    st.servers.insert(id, server);
     Ok(())
 }
 
@@ -147,16 +160,25 @@ pub async fn nbd_server_start(d: Arc<Daemon>, a: Args) -> Reply {
     Ok(ok())
 }
 
-pub async fn nbd_server_stop(d: Arc<Daemon>, _a: Args) -> Reply {
-    let server = {
+pub async fn nbd_server_stop(d: Arc<Daemon>, a: Args) -> Reply {
+    let id = opt_str(&a, "x-id").unwrap_or_default().to_string();
+    let (server, ids) = {
         let st = d.nbd.lock().await;
-        st.server
-            .clone()
-            .ok_or_else(|| generic("NBD server not running"))?
+        let server = st.servers.get(&id).cloned();
+        let server = server.ok_or_else(|| generic(server_error(&id, "not running")))?;
+        let ids: Vec<String> = st
+            .exports
+            .iter()
+            .filter(|(_, e)| e.server == id)
+            .map(|(k, _)| k.clone())
+            .collect();
+        (server, ids)
     };
-    close_all(&d).await;
+    for e in ids {
+        let _ = del_export(&d, &e, true).await;
+    }
     server.stop().await;
-    d.nbd.lock().await.server = None;
+    d.nbd.lock().await.servers.remove(&id);
     Ok(ok())
 }
 
@@ -207,8 +229,9 @@ pub async fn add_export(d: &Daemon, a: &Args) -> Result<(), String> {
         }
         _ => return Err("No driver found for the requested export type".into()),
     }
-    let Some(server) = st.server.clone() else {
-        return Err("NBD server not running".into());
+    let server_id = opt_str(a, "x-server").unwrap_or_default().to_string();
+    let Some(server) = st.servers.get(&server_id).cloned() else {
+        return Err(server_error(&server_id, "not running"));
     };
     let name = opt_str(a, "name").unwrap_or(&node_name).to_string();
     if server.exports().contains(&name) {
@@ -294,6 +317,7 @@ pub async fn add_export(d: &Daemon, a: &Args) -> Result<(), String> {
             node_name,
             edge,
             link,
+            server: server_id,
             bitmaps: busy,
         },
     );
@@ -306,7 +330,7 @@ pub async fn block_export_add(d: Arc<Daemon>, a: Args) -> Reply {
 }
 
 pub async fn nbd_server_add(d: Arc<Daemon>, a: Args) -> Reply {
-    if d.nbd.lock().await.server.is_none() {
+    if !d.nbd.lock().await.servers.contains_key("") {
         return Err(generic("NBD server not running"));
     }
     let device = arg_str(&a, "device");
@@ -334,7 +358,7 @@ async fn del_export(d: &Daemon, id: &str, hard: bool) -> Result<(), String> {
     let Some(rec) = st.exports.get(id) else {
         return Err(format!("Export '{id}' is not found"));
     };
-    if let Some(server) = &st.server {
+    if let Some(server) = st.servers.get(&rec.server) {
         if !hard && server.export_clients(&rec.name) > 0 {
             return Err(format!("export '{id}' still in use"));
         }
@@ -386,7 +410,7 @@ pub async fn query_block_exports(d: Arc<Daemon>, _a: Args) -> Reply {
     Ok(Value::Array(list))
 }
 
-/// Close every export, hard (shutdown and `nbd-server-stop`).
+/// Close every export, hard (shutdown).
 pub async fn close_all(d: &Daemon) {
     let ids: Vec<String> = d.nbd.lock().await.exports.keys().cloned().collect();
     for id in ids {

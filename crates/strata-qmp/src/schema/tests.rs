@@ -515,3 +515,38 @@ fn extensions_add_optional_members_and_enum_values_without_changing_introspectio
 fn embedded_extensions_load() {
     assert!(Schema::qsd().has_command("block-commit"));
 }
+
+#[test]
+fn extension_members_reach_one_command_and_union_variants() {
+    let mut s = Schema::from_json(QSD_SCHEMA_JSON).unwrap();
+    s.apply_extensions(
+        r#"{"members": [{"command": "nbd-server-stop", "name": "x-id", "type": "str"},
+                        {"command": "block-export-add", "variant": "nbd",
+                         "name": "x-server", "type": "str"}]}"#,
+    )
+    .unwrap();
+    let args = |v: Value| v.as_object().unwrap().clone();
+    s.validate_command_args("nbd-server-stop", &args(json!({"x-id": "a"})))
+        .unwrap();
+    // Other commands without arguments share the empty argument type: they stay strict.
+    let e = s
+        .validate_command_args("query-jobs", &args(json!({"x-id": "a"})))
+        .unwrap_err();
+    assert_eq!(e.desc, "Parameter 'x-id' is unexpected");
+    let nbd = json!({"type": "nbd", "id": "e", "node-name": "n", "x-server": "s"});
+    s.validate_command_args("block-export-add", &args(nbd))
+        .unwrap();
+    let fuse = json!({"type": "fuse", "id": "e", "node-name": "n", "mountpoint": "/m",
+                      "x-server": "s"});
+    assert!(
+        s.validate_command_args("block-export-add", &args(fuse))
+            .is_err()
+    );
+    assert!(
+        s.apply_extensions(
+            r#"{"members": [{"command": "block-export-add", "variant": "nope", "name": "a",
+                             "type": "bool"}]}"#
+        )
+        .is_err()
+    );
+}
