@@ -378,3 +378,60 @@ async fn own_client_against_qemu_nbd() {
     .await;
     assert!(ok && !out.contains("verification failed"), "{out}{err}");
 }
+
+/// libnbd's nbdcopy (several connections, many requests in flight each) copies between two
+/// of our exports and to and from a file, byte-exact; `qemu-nbd --list` reads our export list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbdcopy_and_qemu_nbd_list() {
+    if !have("nbdcopy") || !have("qemu-nbd") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (server, sock) = unix_server(dir.path()).await;
+    const SIZE: usize = 8 << 20;
+    // Data, a zero run and a hole-sized gap of a second pattern.
+    let mut data: Vec<u8> = (0..SIZE).map(|i| (i * 7 % 251) as u8).collect();
+    data[1 << 20..3 << 20].fill(0);
+    data[5 << 20..(5 << 20) + 4096].fill(0xa5);
+    let src = Arc::new(MemNode::read_only(data.clone()));
+    let dst = Arc::new(MemNode::with_data(vec![0xff; SIZE]));
+    let mut cfg = export("src", src.clone() as NodeRef, false);
+    cfg.description = Some("nbdcopy source".into());
+    server.add_export(cfg).unwrap();
+    server
+        .add_export(export("dst", dst.clone() as NodeRef, true))
+        .unwrap();
+
+    let (ok, out, err) = run("nbdcopy", &[&uri(&sock, "src"), &uri(&sock, "dst")]).await;
+    assert!(ok, "nbdcopy nbd -> nbd: {out}{err}");
+    assert!(dst.snapshot() == data, "nbd -> nbd copy differs");
+
+    let file = dir.path().join("copy.raw");
+    let file_s = file.to_str().unwrap();
+    let (ok, out, err) = run("nbdcopy", &[&uri(&sock, "src"), file_s]).await;
+    assert!(ok, "nbdcopy nbd -> file: {out}{err}");
+    assert!(
+        std::fs::read(&file).unwrap() == data,
+        "nbd -> file copy differs"
+    );
+
+    dst.write(
+        0,
+        IoBuf::from_slice(&vec![0x11; SIZE]),
+        WriteFlags::default(),
+    )
+    .await
+    .unwrap();
+    let (ok, out, err) = run("nbdcopy", &[file_s, &uri(&sock, "dst")]).await;
+    assert!(ok, "nbdcopy file -> nbd: {out}{err}");
+    assert!(dst.snapshot() == data, "file -> nbd copy differs");
+
+    let (ok, out, err) = run("qemu-nbd", &["--list", "-k", sock.to_str().unwrap()]).await;
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("exports available: 2"), "{out}");
+    assert!(out.contains("export: 'src'"), "{out}");
+    assert!(out.contains("description: nbdcopy source"), "{out}");
+    assert!(out.contains(&format!("size:  {SIZE}")), "{out}");
+    assert!(out.contains("base:allocation"), "{out}");
+    server.stop().await;
+}
