@@ -2,7 +2,8 @@
 //! bytes, selectable per node with [`Aio`]:
 //!
 //! - `threads`: `preadv`/`pwritev` on tokio's blocking pool;
-//! - `io_uring`: a process-wide io_uring with a completion thread.
+//! - `io_uring`: a process-wide io_uring with a completion thread, or the ring of the
+//!   [`iothread`] the request is made on.
 //!
 //! Buffers are owned by the engine while the kernel uses them, so dropping a request's future
 //! is always safe. O_DIRECT alignment (bounce buffers, read-modify-write) is handled in one
@@ -15,6 +16,7 @@
 mod align;
 mod engine;
 mod file;
+pub mod iothread;
 mod lock;
 
 pub use file::{Aio, FileNode, FileOptions, create};

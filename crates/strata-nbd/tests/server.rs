@@ -761,7 +761,15 @@ async fn starttls_hook_forced_mode() {
     let mut raw = Raw::connect(&sock).await;
     assert_eq!(raw.option(OPT_LIST, &[]).await[0].0, REP_ERR_TLS_REQD);
     assert_eq!(raw.option(OPT_STARTTLS, &[]).await[0].0, REP_ACK);
-    assert_eq!(hook.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // The server wraps the stream after sending the ack, on its own thread.
+    let wrapped = || hook.0.load(std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..100 {
+        if wrapped() == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(wrapped(), 1);
     assert_eq!(raw.option(OPT_STARTTLS, &[]).await[0].0, REP_ERR_INVALID);
     let (size, _) = raw.go("a").await;
     assert_eq!(size, 4096);

@@ -10,9 +10,17 @@
 //! `EAGAIN`/`EINTR` are resubmitted by the reaper. The number of requests in flight is bounded
 //! by the ring size (a semaphore permit travels with each request), so the submission queue
 //! can never be full and the completion queue never overflows.
+//!
+//! An I/O thread ([`crate::iothread`]) has a ring of its own instead, without a completion
+//! thread: the kernel signals an eventfd that the thread's runtime polls with its other
+//! sockets, and a task there drains the completions. A request made on that thread is
+//! submitted, completed and resumed on it, with no thread handing it over (QEMU's
+//! iothread-with-io_uring model); it goes to its own ring whatever node it is for.
 
+use std::cell::OnceCell;
 use std::collections::HashMap;
 use std::fmt;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -38,6 +46,62 @@ pub(crate) fn global() -> Result<Arc<UringEngine>> {
         .get_or_init(|| UringEngine::setup().map(Arc::new).and_then(spawn_reaper))
         .clone()
         .map_err(|m| Error::unsupported(format!("io_uring is not available: {m}")))
+}
+
+thread_local! {
+    /// This thread's own ring (an I/O thread's), if it has one.
+    static LOCAL: OnceCell<Arc<UringEngine>> = const { OnceCell::new() };
+}
+
+/// Gives the calling thread a ring of its own, drained by a task on its runtime (which must
+/// be a current-thread runtime living as long as the thread). Requests made on this thread
+/// then use it. Errors leave the thread on the shared ring.
+pub(crate) fn init_local() -> std::result::Result<(), String> {
+    let engine = Arc::new(UringEngine::setup()?);
+    // SAFETY: plain eventfd(2); the result is checked before it is owned.
+    let raw = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if raw < 0 {
+        return Err(format!("eventfd: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: `raw` is a new descriptor nobody else owns.
+    let efd = unsafe { OwnedFd::from_raw_fd(raw) };
+    engine
+        .ring
+        .submitter()
+        .register_eventfd(efd.as_raw_fd())
+        .map_err(|e| format!("cannot register the eventfd: {e}"))?;
+    // SAFETY: the AsyncFd owns `efd`, an open eventfd, for its whole life.
+    let efd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(efd, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| e.to_string())?;
+    tokio::spawn(drive_local(Arc::clone(&engine), efd));
+    LOCAL.with(|l| {
+        let _ = l.set(engine);
+    });
+    Ok(())
+}
+
+/// The completion side of a thread's own ring: wait for the eventfd, then drain.
+async fn drive_local(engine: Arc<UringEngine>, efd: tokio::io::unix::AsyncFd<OwnedFd>) {
+    loop {
+        let Ok(mut ready) = efd.readable().await else {
+            return;
+        };
+        // Clear readiness, then the counter, then drain: a completion after the drain
+        // signals the eventfd again and wakes this loop.
+        ready.clear_ready();
+        let mut counter = 0u64;
+        // SAFETY: reads 8 bytes into `counter` from our non-blocking eventfd.
+        let _ = unsafe {
+            libc::read(
+                efd.get_ref().as_raw_fd(),
+                (&raw mut counter).cast(),
+                std::mem::size_of::<u64>(),
+            )
+        };
+        engine.drain();
+    }
 }
 
 fn spawn_reaper(engine: Arc<UringEngine>) -> std::result::Result<Arc<UringEngine>, String> {
@@ -303,7 +367,6 @@ impl UringEngine {
 
     /// The completion thread. It only waits: submitting is left to the submitters.
     fn reap(&self) {
-        let mut done: Vec<(u64, i32)> = Vec::new();
         loop {
             // SAFETY: no submission, no argument: a plain wait for one completion.
             let waited = unsafe {
@@ -318,17 +381,24 @@ impl UringEngine {
                     _ => std::thread::sleep(std::time::Duration::from_millis(1)),
                 }
             }
-            {
-                // SAFETY: this thread is the only one that touches the completion queue.
-                let cq = unsafe { self.ring.completion_shared() };
-                done.extend(cq.map(|c| (c.user_data(), c.result())));
-            }
-            for (key, res) in done.drain(..) {
-                self.complete(key, res);
-            }
-            if self.stalled.swap(false, Ordering::AcqRel) {
-                self.kick();
-            }
+            self.drain();
+        }
+    }
+
+    /// Handles every completion queued. Only one thread drains a ring: its reaper thread,
+    /// or for an I/O thread's own ring that thread.
+    fn drain(&self) {
+        let mut done: Vec<(u64, i32)> = Vec::new();
+        {
+            // SAFETY: only the draining thread touches the completion queue.
+            let cq = unsafe { self.ring.completion_shared() };
+            done.extend(cq.map(|c| (c.user_data(), c.result())));
+        }
+        for (key, res) in done {
+            self.complete(key, res);
+        }
+        if self.stalled.swap(false, Ordering::AcqRel) {
+            self.kick();
         }
     }
 
@@ -373,6 +443,13 @@ impl UringEngine {
     }
 }
 
+/// The ring a request made now should use: this thread's own, else `shared`.
+fn ring_for(shared: &Arc<UringEngine>) -> Arc<UringEngine> {
+    LOCAL
+        .with(|l| l.get().cloned())
+        .unwrap_or_else(|| Arc::clone(shared))
+}
+
 impl Engine for Arc<UringEngine> {
     fn aio(&self) -> Aio {
         Aio::IoUring
@@ -384,7 +461,7 @@ impl Engine for Arc<UringEngine> {
         offset: u64,
         bufs: Vec<IoBuf>,
     ) -> BoxFuture<'static, (Vec<IoBuf>, usize)> {
-        Box::pin(Arc::clone(self).run(OpKind::Read, false, file, offset, bufs))
+        Box::pin(ring_for(self).run(OpKind::Read, false, file, offset, bufs))
     }
 
     fn writev(
@@ -393,12 +470,12 @@ impl Engine for Arc<UringEngine> {
         offset: u64,
         bufs: Vec<IoBuf>,
     ) -> BoxFuture<'static, Vec<IoBuf>> {
-        let fut = Arc::clone(self).run(OpKind::Write, false, file, offset, bufs);
+        let fut = ring_for(self).run(OpKind::Write, false, file, offset, bufs);
         Box::pin(async move { fut.await.map(|(b, _)| b) })
     }
 
     fn fsync(&self, file: Arc<HostFile>, datasync: bool) -> BoxFuture<'static, ()> {
-        let fut = Arc::clone(self).run(OpKind::Sync, datasync, file, 0, Vec::new());
+        let fut = ring_for(self).run(OpKind::Sync, datasync, file, 0, Vec::new());
         Box::pin(async move { fut.await.map(|_| ()) })
     }
 }

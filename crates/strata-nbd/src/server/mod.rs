@@ -295,26 +295,42 @@ impl Drop for ConnGuard {
     }
 }
 
+/// An accepted connection, detached from the runtime that accepted it so that it can be
+/// served on an I/O thread (each runtime polls the sockets registered with it).
+enum Accepted {
+    Unix(std::os::unix::net::UnixStream),
+    Tcp(std::net::TcpStream),
+}
+
+impl Accepted {
+    /// Registers the socket with the runtime this runs on.
+    fn into_stream(self) -> std::io::Result<BoxStream> {
+        Ok(match self {
+            Accepted::Unix(s) => Box::new(tokio::net::UnixStream::from_std(s)?),
+            Accepted::Tcp(s) => Box::new(tokio::net::TcpStream::from_std(s)?),
+        })
+    }
+}
+
+async fn accept(listener: &Listener) -> std::io::Result<Accepted> {
+    Ok(match listener {
+        Listener::Unix(l) => Accepted::Unix(l.accept().await?.0.into_std()?),
+        Listener::Tcp(l) => {
+            let s = l.accept().await?.0;
+            let _ = s.set_nodelay(true);
+            Accepted::Tcp(s.into_std()?)
+        }
+    })
+}
+
 async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
     loop {
-        let stream: BoxStream = match &listener {
-            Listener::Unix(l) => match l.accept().await {
-                Ok((s, _)) => Box::new(s),
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            Listener::Tcp(l) => match l.accept().await {
-                Ok((s, _)) => {
-                    let _ = s.set_nodelay(true);
-                    Box::new(s)
-                }
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let accepted = match accept(&listener).await {
+            Ok(a) => a,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
         };
         if shared.cancel.is_cancelled() {
             return;
@@ -324,14 +340,21 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
         let guard = ConnGuard(Arc::clone(&shared));
         if max != 0 && n >= max {
             // Over the limit: close at once.
-            drop(stream);
+            drop(accepted);
             drop(guard);
             continue;
         }
         let sh = Arc::clone(&shared);
-        shared.tracker.spawn(async move {
+        let serve = async move {
             let _guard = guard;
-            conn::serve(stream, sh).await;
-        });
+            if let Ok(stream) = accepted.into_stream() {
+                conn::serve(stream, sh).await;
+            }
+        };
+        // A connection lives on one I/O thread: its requests never change threads.
+        match strata_io::iothread::global() {
+            Some(threads) => shared.tracker.spawn_on(serve, threads.next_handle()),
+            None => shared.tracker.spawn(serve),
+        };
     }
 }
