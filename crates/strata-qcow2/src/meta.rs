@@ -355,9 +355,52 @@ impl Meta {
                 let t = self.fmt.subcluster_type(s.entry, s.bitmap, sc);
                 let n = u64::from(self.fmt.run_length(s.entry, s.bitmap, sc));
                 let run_end = (gci * cs + (u64::from(sc) + n) * sc_size).min(end);
-                (self.classify(t, s, in_cluster, l2_off, l2i)?, run_end)
+                let kind = self.classify(t, s, in_cluster, l2_off, l2i)?;
+                let run_end = if run_end == (gci + 1) * cs && run_end < end {
+                    self.extend_run(l2_off, l2i, t, s.entry, run_end, end)
+                } else {
+                    run_end
+                };
+                (kind, run_end)
             }
         })
+    }
+
+    /// Extends a run that fills its cluster over the following entries of the same L2 table
+    /// that continue it exactly: the same entry (unallocated or zero, no host cluster) or
+    /// the next host cluster with the same flags. A scan of the table in memory: walking a
+    /// sparse 1 TiB image one cluster per step (a cache lookup each) cost seconds.
+    fn extend_run(
+        &self,
+        l2_off: u64,
+        l2i: u64,
+        t: SubclusterType,
+        entry: u64,
+        mut run_end: u64,
+        end: u64,
+    ) -> u64 {
+        if self.fmt.extended_l2 {
+            return run_end;
+        }
+        let step = match t {
+            SubclusterType::UnallocatedPlain | SubclusterType::ZeroPlain => 0,
+            SubclusterType::Normal
+            | SubclusterType::ZeroAlloc
+            | SubclusterType::UnallocatedAlloc => self.cs,
+            SubclusterType::Compressed | SubclusterType::Invalid => return run_end,
+        };
+        let Some(table) = self.l2.peek(l2_off) else {
+            return run_end;
+        };
+        let mut prev = entry;
+        for &e in table.iter().skip(l2i as usize + 1) {
+            if run_end >= end || e != prev.wrapping_add(step) {
+                break;
+            }
+            prev = e;
+            run_end = (run_end + self.cs).min(end);
+        }
+        run_end
     }
 
     fn classify(

@@ -462,6 +462,9 @@ async fn block_status_matches_qemu_img_map() {
         "cluster_size=65536",
         "extended_l2=on",
         "cluster_size=4096,compat=0.10",
+        // 512 entries per L2 table: the runs below span tables; metadata preallocation
+        // makes long runs of contiguous host clusters that the writes then break up.
+        "cluster_size=4096,preallocation=metadata",
     ]
     .iter()
     .enumerate()
@@ -471,28 +474,23 @@ async fn block_status_matches_qemu_img_map() {
             "qemu-img",
             &["create", "-q", "-f", "qcow2", "-o", o, &img, "8M"],
         );
-        ok(
-            "qemu-io",
-            &[
-                "-c",
-                "write -P 1 0 100k",
-                "-c",
-                "write -P 2 1M 8k",
-                "-c",
-                "write -z 2M 128k",
-                "-c",
-                "write -z -u 3M 64k",
-                "-c",
-                "write -c -P 3 4M 64k",
-                "-c",
-                "write -c -P 4 4160k 64k",
-                "-c",
-                "write -P 5 5M 1M",
-                "-c",
-                "discard 5184k 64k",
-                &img,
-            ],
-        );
+        let mut cmds = vec![
+            "write -P 1 0 100k",
+            "write -P 2 1M 8k",
+            "write -z 2M 128k",
+            "write -z -u 3M 64k",
+            "write -c -P 3 4M 64k",
+            "write -c -P 4 4160k 64k",
+            "write -P 5 5M 1M",
+            "discard 5184k 64k",
+        ];
+        if o.contains("preallocation") {
+            // Compressed writes need unallocated clusters.
+            cmds.retain(|c| !c.starts_with("write -c"));
+        }
+        let mut args: Vec<&str> = cmds.iter().flat_map(|c| ["-c", *c]).collect();
+        args.push(&img);
+        ok("qemu-io", &args);
         let raw: Vec<serde_json::Value> =
             serde_json::from_str(&ok("qemu-img", &["map", "--output=json", &img])).unwrap();
         // QEMU also asks the host file for holes inside data clusters ("zero": true with
