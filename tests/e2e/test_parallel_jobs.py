@@ -117,9 +117,10 @@ def _finish(d, ids, timeout=60.0):
     return done
 
 
-def run_pair(kind, binary, name, workdir):
-    """Start A, then B; returns B's error text (None if accepted), and when accepted the
-    list of content mismatches after both jobs ran to the end."""
+def run_pair(kind, binary, name, workdir, b_extra=None):
+    """Start A, then B (with `b_extra` added to its arguments); returns B's error text (None
+    if accepted), and when accepted the list of content mismatches after both jobs ran to
+    the end."""
     a, b, _, _ = PAIRS[name]
     _setup(workdir)
     d = e2elib.Daemon(kind, binary, workdir, "par")
@@ -128,7 +129,7 @@ def run_pair(kind, binary, name, workdir):
         _open(d, workdir)
         # Slow enough that A still runs when B is asked for (A copies about 1 MiB).
         _ok(d, a[0], {**a[1], "job-id": "A", "speed": 256 << 10})
-        r = d.execute(b[0], {**b[1], "job-id": "B"})
+        r = d.execute(b[0], {**b[1], **(b_extra or {}), "job-id": "B"})
         if "error" in r:
             d.execute("block-job-set-speed", {"device": "A", "speed": 0})
             _finish(d, ["A"])
@@ -180,3 +181,54 @@ def test_job_pair(kind, name):
     # in one CI run qsd itself left l4's view changed in stream + backup of a lower node.
     if kind == "stratad":
         assert bad == [], bad
+
+
+# Strata's `x-parallel` (docs/EXTENSIONS.md) on job B, for the pairs whose B is a commit or a
+# backup: stratad accepts B when what B changes is free and the nodes it shares are held by
+# A only in roles that keep them in the chain with their view (a commit's overlay may also
+# be A's base). Whether stratad accepts B, as measured; each accepted pair runs to the end
+# with its content checked.
+X_PARALLEL = {
+    "stream-commit-disjoint": False,   # the stream's filter is l4's parent: l4 is no root
+    "commit-commit-disjoint": True,
+    "backup-backup-same-source": True,
+    "stream-backup-lower-node": True,
+    "commit-backup-active": True,
+    "commit-backup-base": False,       # the commit writes into l1
+}
+X_REFUSALS = {
+    "stream-commit-disjoint": "Need a root block node",
+    "commit-backup-base": "Node 'l1' is busy: block device is in use by block job: commit",
+}
+
+
+@pytest.mark.parametrize("name", list(X_PARALLEL))
+def test_job_pair_x_parallel(name):
+    binary = e2elib.HARNESS.binaries.get("stratad")
+    if not binary or "stratad" not in e2elib.HARNESS.daemons:
+        pytest.skip("stratad not selected or not found")
+    w = e2elib.new_workdir(f"xpar-{name}")
+    e2elib.HARNESS.workdirs.append(w)
+    err, bad = run_pair("stratad", binary, name, w, {"x-parallel": True})
+    assert (err is None) == X_PARALLEL[name], f"{name}: expected accepted={X_PARALLEL[name]}, got {err}"
+    if err is not None:
+        assert X_REFUSALS[name] in err, f"{name}: {err}"
+    assert bad == [], bad
+
+
+def test_qsd_has_no_x_parallel():
+    binary = e2elib.HARNESS.binaries.get("qsd")
+    if not binary or "qsd" not in e2elib.HARNESS.daemons:
+        pytest.skip("qsd not selected or not found")
+    w = e2elib.new_workdir("xpar-qsd")
+    e2elib.HARNESS.workdirs.append(w)
+    _setup(w)
+    d = e2elib.Daemon("qsd", binary, w, "par")
+    d.start([])
+    try:
+        _open(d, w)
+        r = d.execute("block-commit", {"device": "l4", "top-node": "l3", "base-node": "l2",
+                                       "job-id": "A", "x-parallel": True})
+        assert r["error"]["desc"] == "Parameter 'x-parallel' is unexpected", r
+    finally:
+        d.stop("quit")

@@ -440,7 +440,13 @@ pub async fn backup_prepare(
     };
     let dev_node = lookup(device)?;
     let tgt_node = lookup(target)?;
-    crate::chain::check_not_busy(&g, device)?;
+    // A backup only reads its device: with Strata's `x-parallel` another job may hold it as
+    // its main node, whose view that job keeps (not as a base it writes into).
+    if opt_bool(args, "x-parallel", false) {
+        crate::chain::check_held_only_as(&g, device, &["main node"])?;
+    } else {
+        crate::chain::check_not_busy(&g, device)?;
+    }
     crate::chain::check_not_busy(&g, target)?;
 
     let sync = match sync_s {

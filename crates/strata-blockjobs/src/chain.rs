@@ -252,6 +252,22 @@ pub(crate) enum OnStepError {
     Fail(JobFailure),
 }
 
+/// For a job started with Strata's `x-parallel`: node `node` may be held by other jobs only
+/// in the `roles` given (e.g. `main node`: the job keeps that node's view and its place in
+/// the chain), never as a node another job removes from the chain or writes into.
+pub(crate) fn check_held_only_as(g: &Graph, node: &str, roles: &[&str]) -> Result<(), CmdError> {
+    let other = g.parents_of(node).find_map(|e| match &e.user {
+        User::Job { kind, .. } if !roles.contains(&e.role.as_str()) => Some(*kind),
+        _ => None,
+    });
+    match other {
+        Some(kind) => Err(generic(format!(
+            "Node '{node}' is busy: block device is in use by block job: {kind}"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// QEMU's op blockers for block jobs: every node a job holds (its pins, QEMU's
 /// `block_job_add_bdrv`) is busy for other jobs, whatever the permissions would allow —
 /// without this, two jobs could change the same node's chain under each other.

@@ -408,10 +408,15 @@ pub async fn block_commit(env: &BlockJobEnv, args: &Map<String, Value>) -> Resul
             desc: format!("Device '{device}' not found"),
         });
     }
-    // A job holding the node makes it a non-root too (QEMU's job parents).
-    if g.parents_of(device)
-        .any(|e| matches!(e.user, User::Node(_) | User::Job { .. }))
-    {
+    // A job holding the node makes it a non-root too (QEMU's job parents), unless Strata's
+    // `x-parallel` asks to run beside it (checked below: what this commit changes must be
+    // free).
+    let parallel = arg_bool(args, "x-parallel", false);
+    if g.parents_of(device).any(|e| match e.user {
+        User::Node(_) => true,
+        User::Job { .. } => !parallel || e.role != "main node",
+        _ => false,
+    }) {
         return Err(generic("Need a root block node"));
     }
 
@@ -483,6 +488,22 @@ pub async fn block_commit(env: &BlockJobEnv, args: &Map<String, Value>) -> Resul
     let intermediates: Vec<String> = chain[..base_idx].to_vec();
     for n in &chain[..=base_idx] {
         crate::chain::check_not_busy(&g, n)?;
+    }
+    if parallel {
+        // The image above `top` gets a new backing link when this commit completes (its view
+        // stays): another job may keep it as its main node or write into it as its base, but
+        // must not be removing it from the chain.
+        let overlays: Vec<String> = g
+            .parents_of(&top)
+            .filter(|e| e.role == "backing")
+            .filter_map(|e| match &e.user {
+                User::Node(n) => Some(n.clone()),
+                _ => None,
+            })
+            .collect();
+        for o in &overlays {
+            crate::chain::check_held_only_as(&g, o, &["main node", "base"])?;
+        }
     }
     if is_active || required_on(&g, &top).contains(Perm::WRITE) {
         if safe && above_base_of(&g, &intermediates).is_some_and(|n| n != g.skip_filters(&top)) {
