@@ -75,8 +75,12 @@ pub mod autoclear {
     /// those the qcow2 spec hands out; a program that does not know it clears it when it
     /// opens the image read-write, which withdraws the promise.
     pub const STRATA_WRITE_INTENT: u64 = 1 << 63;
+    /// Strata's own: the generation extension ([`super::ext::STRATA_GENERATION`]) is up to
+    /// date (see `identity`). Cleared by a program that opens the image read-write without
+    /// knowing it, which makes the generation unknown.
+    pub const STRATA_GENERATION_VALID: u64 = 1 << 62;
     /// Every bit this implementation knows.
-    pub const MASK: u64 = BITMAPS | DATA_FILE_RAW | STRATA_WRITE_INTENT;
+    pub const MASK: u64 = BITMAPS | DATA_FILE_RAW | STRATA_WRITE_INTENT | STRATA_GENERATION_VALID;
 }
 
 /// Header extension magics.
@@ -93,6 +97,12 @@ pub mod ext {
     pub const CRYPTO_HEADER: u32 = 0x0537_be77;
     /// External data file name.
     pub const DATA_FILE: u32 = 0x4441_5441;
+    /// Strata's own (`"STGN"`, kept among the unknown extensions): image id and write
+    /// counter, 2 x u64 big-endian (see `identity`).
+    pub const STRATA_GENERATION: u32 = 0x5354_474e;
+    /// Strata's own (`"STBK"`, kept among the unknown extensions): the identity of the
+    /// backing file recorded in an overlay, 32 bytes (see `identity`).
+    pub const STRATA_BACKING_RECORD: u32 = 0x5354_424b;
 }
 
 /// Encryption methods (`crypt_method`).

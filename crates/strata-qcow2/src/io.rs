@@ -858,6 +858,7 @@ impl Qcow2 {
     /// shorter). Falls back to a normal write when the data does not compress.
     pub async fn write_compressed(&self, offset: u64, buf: IoBuf) -> Result<()> {
         self.check_writable()?;
+        self.before_data_change().await?;
         self.before_write(offset, buf.len() as u64).await?;
         let cs = self.cs;
         let len = buf.len() as u64;

@@ -28,6 +28,7 @@ mod chain_cache;
 pub mod create;
 pub mod entry;
 pub mod header;
+pub mod identity;
 mod io;
 mod make_empty;
 mod meta;

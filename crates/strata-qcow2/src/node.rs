@@ -144,6 +144,8 @@ pub struct Qcow2 {
     pub(crate) chain_cache: StdMutex<crate::chain_cache::ChainCache>,
     /// An overlay caches our mapping: announce its changes (shared with `Meta`).
     pub(crate) mapping_watched: Arc<AtomicBool>,
+    /// Whether this session moved the image's generation yet (see `identity`).
+    pub(crate) generation: crate::identity::SessionGeneration,
 }
 
 /// Read and parse the header of a qcow2 image (so a chain opener can learn the backing
@@ -189,6 +191,10 @@ impl Qcow2 {
             // refcounts before writing, as QEMU does on a read-write open.
             crate::check::repair_dirty(&file).await?;
             h = read_header(&file).await?;
+        }
+        if let Some(b) = &backing {
+            // An overlay that recorded its backing file refuses one that changed since.
+            crate::identity::check_at_open(&h, &file.filename(), &**b)?;
         }
         if h.has_data_file() && data_file.is_none() {
             return Err(Error::invalid("'data-file' is required for this image"));
@@ -317,6 +323,7 @@ impl Qcow2 {
             metadata_prealloc: Default::default(),
             chain_cache: StdMutex::default(),
             mapping_watched,
+            generation: Default::default(),
         }))
     }
 
@@ -429,6 +436,13 @@ impl Qcow2 {
         let mut h = m.h.clone();
         h.backing_file = file.map(str::to_string);
         h.backing_format = file.and(format).map(str::to_string);
+        // Remember the new backing file as it is now (see `identity`); a record that does
+        // not fit is left out rather than failing the change.
+        let record = file.and_then(|f| crate::identity::record_for(&self.filename(), f, format));
+        crate::identity::put_record(&mut h, record);
+        if record.is_some() && h.serialize(m.cs).is_err() {
+            crate::identity::put_record(&mut h, None);
+        }
         // Fails (without writing) if the result does not fit in the first cluster.
         let bytes = h.serialize(m.cs)?;
         m.write_at(0, &bytes).await?;
@@ -436,6 +450,30 @@ impl Qcow2 {
         m.h = Header::parse(&bytes)?;
         m.publish();
         Ok(())
+    }
+
+    /// Record the current backing file (as named in the header) as it is now, so later opens
+    /// accept it (see `identity`): after `create -b`, or after a commit into it.
+    pub async fn record_backing(&self) -> Result<()> {
+        let (file, format) = {
+            let m = self.meta.lock().await;
+            (m.h.backing_file.clone(), m.h.backing_format.clone())
+        };
+        match file {
+            Some(f) => self.set_backing(Some(&f), format.as_deref()).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Move the image's generation before the first guest-data change of this session
+    /// (see `identity`).
+    pub(crate) async fn before_data_change(&self) -> Result<()> {
+        // A request the image refuses fails later with its own error, unchanged.
+        if self.generation.done() || self.check_writable().is_err() {
+            return Ok(());
+        }
+        let mut m = self.meta.lock().await;
+        self.generation.bump(&mut m).await
     }
 
     /// The node guest data lives in (the external data file, or the image file).
@@ -583,6 +621,7 @@ impl BlockNode for Qcow2 {
 
     fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BoxFuture<'_, IoBuf> {
         Box::pin(async move {
+            self.before_data_change().await?;
             self.before_write(offset, buf.len() as u64).await?;
             let buf = self.do_write(offset, buf).await?;
             if flags.fua {
@@ -594,6 +633,7 @@ impl BlockNode for Qcow2 {
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BoxFuture<'_, ()> {
         Box::pin(async move {
+            self.before_data_change().await?;
             self.before_write(offset, len).await?;
             self.do_write_zeroes(offset, len, flags).await
         })
@@ -601,6 +641,7 @@ impl BlockNode for Qcow2 {
 
     fn discard(&self, offset: u64, len: u64) -> BoxFuture<'_, ()> {
         Box::pin(async move {
+            self.before_data_change().await?;
             self.before_write(offset, len).await?;
             self.do_discard(offset, len).await
         })

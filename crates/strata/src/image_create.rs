@@ -123,7 +123,32 @@ pub async fn img_create(req: &CreateRequest) -> Result<(), String> {
         );
         let _ = std::io::stdout().flush();
     }
-    create_image(&req.filename, &req.fmt, size, &opts).await
+    create_image(&req.filename, &req.fmt, size, &opts).await?;
+    if backing.is_some() && !req.unsafe_backing && req.fmt == "qcow2" {
+        record_backing(&req.filename).await?;
+    }
+    Ok(())
+}
+
+/// Record the identity of the new overlay's backing file in it (Strata's backing-file
+/// validation, `strata_qcow2::identity`), so a later change of the backing is caught.
+async fn record_backing(filename: &str) -> Result<(), String> {
+    let open = OpenOpts {
+        fmt: Some("qcow2".into()),
+        read_only: false,
+        no_backing: true,
+        ..Default::default()
+    };
+    let img = crate::open::open_raw_error(filename, &open)
+        .await
+        .map_err(|e| e.to_string())?;
+    let res = match img.qcow2() {
+        Some(q) => q.record_backing().await.map_err(|e| e.to_string()),
+        None => Ok(()),
+    };
+    let closed = img.close().await;
+    res?;
+    closed.map_err(|e| e.to_string())
 }
 
 /// The backing file name as the new image will resolve it: relative to the image's

@@ -17,6 +17,10 @@ static FORCE_SHARE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBoo
 /// Set `-U` for the images this command opens.
 pub fn set_force_share(on: bool) {
     FORCE_SHARE.store(on, std::sync::atomic::Ordering::Relaxed);
+    // Under -U a changed backing file (strata_qcow2::identity) is a warning, not an error.
+    if on {
+        strata_qcow2::identity::set_check_policy(strata_qcow2::identity::CheckPolicy::Warn);
+    }
 }
 
 fn force_share() -> bool {

@@ -68,6 +68,28 @@ pub fn run(a: Args) -> CmdResult {
     )
 }
 
+/// Report an overlay whose recorded backing file changed since (Strata's backing-file
+/// validation, `strata_qcow2::identity`): the message on stderr and, when it changed, exit
+/// status 2 as for corruptions (reading through it shows corrupt data), unless the check
+/// found worse. Images without a record are reported as before.
+fn backing_verdict(filename: &str, code: i32) -> i32 {
+    use strata_qcow2::identity::{CheckPolicy, Verdict, check_policy, verify_file};
+    if check_policy() == CheckPolicy::Off {
+        return code;
+    }
+    match verify_file(filename) {
+        Some((_, Verdict::Changed(_), text)) => {
+            eprintln!("ERROR {text}");
+            if code == 0 || code == 3 { 2 } else { code }
+        }
+        Some((_, Verdict::Unknown(_), text)) => {
+            eprintln!("Warning: {text}");
+            code
+        }
+        _ => code,
+    }
+}
+
 /// Carry out the check on the protocol node (a damaged image must not need a full open).
 fn exec(
     filename: &str,
@@ -126,6 +148,6 @@ fn exec(
         if let Some(line) = report.failure_line() {
             return Err(Fail::msg(line));
         }
-        Ok(report.exit_code())
+        Ok(backing_verdict(filename, report.exit_code()))
     })
 }

@@ -116,6 +116,9 @@ async fn commit(
     if res.is_ok() && !mode.drop {
         res = make_empty(&top).await;
     }
+    if res.is_ok() {
+        res = record_committed_backing(&top, filename, base).await;
+    }
     let closed = img.close().await;
     res?;
     closed?;
@@ -199,6 +202,39 @@ async fn commit_into_base(
     base_node.flush().await.map_err(failed)?;
     bar.print(100.0, 0);
     Ok(())
+}
+
+/// After a commit into the immediate backing file, the top image still reads the same over
+/// it: renew its record of the base (Strata's backing-file validation), so that only other
+/// overlays of the base see it changed. Deeper commits leave the images between invalid,
+/// as QEMU documents.
+async fn record_committed_backing(
+    top: &NodeRef,
+    filename: &str,
+    base: Option<&str>,
+) -> Result<(), Fail> {
+    let (Some(q), Ok(base_node)) = (
+        top.as_any().downcast_ref::<strata_qcow2::Qcow2>(),
+        find_base(top, filename, base),
+    ) else {
+        return Ok(());
+    };
+    let immediate = top
+        .backing()
+        .is_some_and(|b| strata_graph::status::same_node(&b, &base_node));
+    // Only an overlay that keeps a record gets it renewed (others stay byte for byte
+    // what qemu-img leaves).
+    let recorded = strata_qcow2::identity::BackingRecord::of(&q.header()).is_some();
+    if !immediate || !recorded {
+        return Ok(());
+    }
+    base_node
+        .flush()
+        .await
+        .map_err(|e| Fail::msg(format!("Block job failed: {e}")))?;
+    q.record_backing()
+        .await
+        .map_err(|e| Fail::msg(format!("Could not record the backing file: {e}")))
 }
 
 /// Empty the top image so that it reads through to its backing file again (QEMU's

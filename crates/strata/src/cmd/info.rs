@@ -355,6 +355,7 @@ fn collect_info_list(
             };
             let info = describe(&img.node(), &shown).await;
             img.close().await?;
+            report_backing_record(&name);
             let info = info?;
             if chain && let Some(full) = &info.full_backing_filename {
                 next = Some((full.clone(), info.backing_filename_format.clone()));
@@ -363,6 +364,16 @@ fn collect_info_list(
         }
         Ok(list)
     })
+}
+
+/// Strata's backing-file validation (`strata_qcow2::identity`): `info` opens no backing
+/// file, so it reports rather than fails — a warning on stderr when the recorded backing
+/// file changed (or may have); stdout stays qemu-img's.
+fn report_backing_record(name: &str) {
+    use strata_qcow2::identity::{Verdict, verify_file};
+    if let Some((rec, Verdict::Changed(_) | Verdict::Unknown(_), text)) = verify_file(name) {
+        eprintln!("warning: {text} [recorded: {}]", rec.describe());
+    }
 }
 
 /// The allocated host bytes of a node and the storage below it.
