@@ -221,6 +221,13 @@ async fn sparse_reads_and_block_status_through_backing() {
         }
     }
     assert_eq!(kinds, vec![REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE]);
+    // A read of at most one 64 KiB cluster: one data chunk, even over a hole.
+    raw.send(CMD_READ, 0, 30, 4 * CLUSTER, CLUSTER).await;
+    let (h, p) = raw.reply().await.unwrap();
+    let ReplyHeader::Chunk(c) = h else { panic!() };
+    assert_eq!(c.kind, REPLY_TYPE_OFFSET_DATA);
+    assert!(c.flags & REPLY_FLAG_DONE != 0);
+    assert!(p[8..].iter().all(|&b| b == 0));
     // DF: one data chunk.
     raw.send(CMD_READ, CMD_FLAG_DF, 4, 2 * CLUSTER, 4 * CLUSTER)
         .await;
