@@ -27,6 +27,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use serde_json::{Map, Value};
 
+use crate::authz::Authorizer;
 use crate::client::TlsConnect;
 use crate::server::{BoxStream, TlsHook};
 
@@ -299,18 +300,28 @@ impl TlsCreds {
     /// The hook an [`crate::NbdServer`] runs `NBD_OPT_STARTTLS` with. The credentials must
     /// be for a server (QEMU's "Expected TLS credentials for a server endpoint").
     pub fn server_hook(&self) -> Result<Arc<dyn TlsHook>, String> {
+        self.server_hook_with_authz(None)
+    }
+
+    /// [`Self::server_hook`] that, after the handshake, drops a client whose identity
+    /// (certificate DN or PSK username) `authz` does not allow (QEMU's `tls-authz`).
+    pub fn server_hook_with_authz(
+        &self,
+        authz: Option<Arc<dyn Authorizer>>,
+    ) -> Result<Arc<dyn TlsHook>, String> {
         if self.endpoint != Endpoint::Server {
             return Err("Expected TLS credentials for a server endpoint".into());
         }
         match &self.kind {
             Kind::X509 {
                 server: Some(cfg), ..
-            } => Ok(Arc::new(RustlsServer(tokio_rustls::TlsAcceptor::from(
-                cfg.clone(),
-            )))),
+            } => Ok(Arc::new(RustlsServer {
+                acceptor: tokio_rustls::TlsAcceptor::from(cfg.clone()),
+                authz,
+            })),
             Kind::X509 { .. } => Err("Expected TLS credentials for a server endpoint".into()),
             #[cfg(feature = "tls-psk")]
-            Kind::Psk(p) => p.server_hook(),
+            Kind::Psk(p) => p.server_hook(authz),
         }
     }
 
@@ -346,15 +357,129 @@ impl TlsCreds {
 }
 
 /// Server side of X.509 TLS.
-struct RustlsServer(tokio_rustls::TlsAcceptor);
+struct RustlsServer {
+    acceptor: tokio_rustls::TlsAcceptor,
+    authz: Option<Arc<dyn Authorizer>>,
+}
+
+/// Runs `authz` on a peer's identity. A refusal is logged as QEMU's server logs it
+/// (`<prog>: option negotiation failed: TLS x509 authz check for .. is denied`), since the
+/// client only sees the connection close.
+fn authorize(authz: &dyn Authorizer, kind: &str, identity: &str) -> io::Result<()> {
+    let msg = match authz.check(identity) {
+        Ok(true) => return Ok(()),
+        Ok(false) => format!("TLS {kind} authz check for {identity} is denied"),
+        Err(e) => e,
+    };
+    let prog = std::env::args()
+        .next()
+        .and_then(|a| {
+            Path::new(&a)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
+        .unwrap_or_default();
+    eprintln!("{prog}: option negotiation failed: {msg}");
+    Err(io::Error::new(io::ErrorKind::PermissionDenied, msg))
+}
 
 impl TlsHook for RustlsServer {
     fn wrap(&self, stream: BoxStream) -> BoxFuture<'static, io::Result<BoxStream>> {
-        let acceptor = self.0.clone();
+        let acceptor = self.acceptor.clone();
+        let authz = self.authz.clone();
         Box::pin(async move {
             let s = acceptor.accept(stream).await?;
+            if let Some(authz) = authz {
+                let Some(cert) = s.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
+                    return Err(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        "No certificate peer credentials",
+                    ));
+                };
+                authorize(authz.as_ref(), "x509", &dn::subject_dn(cert)?)?;
+            }
             Ok(Box::new(s) as BoxStream)
         })
+    }
+}
+
+/// The subject DN of a certificate, printed as GnuTLS's `gnutls_x509_crt_get_dn` does
+/// (attribute names and escaping as RFC 4514, RDNs in the certificate's order).
+#[cfg(feature = "tls-psk")]
+mod dn {
+    use std::io;
+
+    use openssl::nid::Nid;
+    use openssl::x509::X509;
+    use rustls::pki_types::CertificateDer;
+
+    /// GnuTLS's short names for the common attribute types (others print as dotted OIDs).
+    fn attr_name(nid: Nid) -> Option<&'static str> {
+        Some(match nid {
+            Nid::COMMONNAME => "CN",
+            Nid::ORGANIZATIONNAME => "O",
+            Nid::ORGANIZATIONALUNITNAME => "OU",
+            Nid::COUNTRYNAME => "C",
+            Nid::LOCALITYNAME => "L",
+            Nid::STATEORPROVINCENAME => "ST",
+            Nid::DOMAINCOMPONENT => "DC",
+            Nid::USERID => "UID",
+            Nid::PKCS9_EMAILADDRESS => "EMAIL",
+            Nid::SERIALNUMBER => "serialNumber",
+            Nid::TITLE => "title",
+            Nid::SURNAME => "surName",
+            Nid::GIVENNAME => "givenName",
+            _ => return None,
+        })
+    }
+
+    /// RFC 4514 escaping of an attribute value.
+    fn escape(v: &str, out: &mut String) {
+        let last = v.chars().count().saturating_sub(1);
+        for (i, c) in v.chars().enumerate() {
+            let special = matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';')
+                || (i == 0 && (c == '#' || c == ' '))
+                || (i == last && c == ' ');
+            if special {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+    }
+
+    pub(super) fn subject_dn(cert: &CertificateDer<'_>) -> io::Result<String> {
+        let x = X509::from_der(cert).map_err(io::Error::other)?;
+        let entries: Vec<_> = x.subject_name().entries().collect();
+        let mut out = String::new();
+        // GnuTLS 3.x's `gnutls_x509_crt_get_dn` keeps the encoded order (`C=GB,O=..,CN=..`),
+        // not RFC 4514's reversed one; QEMU 10.0.2 with it is the reference.
+        for e in &entries {
+            if !out.is_empty() {
+                out.push(',');
+            }
+            let nid = e.object().nid();
+            match attr_name(nid) {
+                Some(n) => out.push_str(n),
+                None => out.push_str(&e.object().to_string()),
+            }
+            out.push('=');
+            let v = e.data().to_string().map_err(io::Error::other)?;
+            escape(&v, &mut out);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(not(feature = "tls-psk"))]
+mod dn {
+    use std::io;
+
+    use rustls::pki_types::CertificateDer;
+
+    pub(super) fn subject_dn(_cert: &CertificateDer<'_>) -> io::Result<String> {
+        Err(io::Error::other(
+            "TLS client authorisation needs the tls-psk feature (OpenSSL)",
+        ))
     }
 }
 
@@ -454,9 +579,14 @@ mod psk {
     use std::sync::Arc;
 
     use futures::future::BoxFuture;
+    use std::sync::OnceLock;
+
+    use openssl::error::ErrorStack;
+    use openssl::ex_data::Index;
     use openssl::ssl::{Ssl, SslContext, SslContextBuilder, SslMethod, SslVerifyMode};
 
     use super::Endpoint;
+    use crate::authz::Authorizer;
     use crate::client::TlsConnect;
     use crate::server::{BoxStream, TlsHook};
 
@@ -512,7 +642,11 @@ mod psk {
             match endpoint {
                 Endpoint::Server => {
                     let keys = Arc::new(keys);
-                    b.set_psk_server_callback(move |_ssl, identity, out| {
+                    b.set_psk_server_callback(move |ssl, identity, out| {
+                        // Kept for the authz check after the handshake.
+                        if let (Some(id), Ok(idx)) = (identity, identity_index()) {
+                            ssl.set_ex_data(idx, String::from_utf8_lossy(id).into_owned());
+                        }
                         let key = identity.and_then(|id| keys.get(id));
                         match key {
                             Some(k) if k.len() <= out.len() => {
@@ -552,9 +686,15 @@ mod psk {
             })
         }
 
-        pub(super) fn server_hook(&self) -> Result<Arc<dyn TlsHook>, String> {
+        pub(super) fn server_hook(
+            &self,
+            authz: Option<Arc<dyn Authorizer>>,
+        ) -> Result<Arc<dyn TlsHook>, String> {
             debug_assert_eq!(self.endpoint, Endpoint::Server);
-            Ok(Arc::new(OpensslPsk(self.ctx.clone()?)))
+            Ok(Arc::new(OpensslPskServer {
+                ctx: self.ctx.clone()?,
+                authz,
+            }))
         }
 
         pub(super) fn client_connector(&self) -> Result<Arc<dyn TlsConnect>, String> {
@@ -576,12 +716,29 @@ mod psk {
         tokio_openssl::SslStream::new(ssl, s).map_err(io::Error::other)
     }
 
-    impl TlsHook for OpensslPsk {
+    /// The `Ssl` slot the server's PSK callback stores the client's username in.
+    fn identity_index() -> Result<Index<Ssl, String>, ErrorStack> {
+        static INDEX: OnceLock<Result<Index<Ssl, String>, ErrorStack>> = OnceLock::new();
+        INDEX.get_or_init(Ssl::new_ex_index).clone()
+    }
+
+    struct OpensslPskServer {
+        ctx: SslContext,
+        authz: Option<Arc<dyn Authorizer>>,
+    }
+
+    impl TlsHook for OpensslPskServer {
         fn wrap(&self, s: BoxStream) -> BoxFuture<'static, io::Result<BoxStream>> {
-            let r = stream(&self.0, s);
+            let r = stream(&self.ctx, s);
+            let authz = self.authz.clone();
             Box::pin(async move {
                 let mut s = r?;
                 Pin::new(&mut s).accept().await.map_err(io::Error::other)?;
+                if let Some(authz) = authz {
+                    let idx = identity_index().map_err(io::Error::other)?;
+                    let user = s.ssl().ex_data(idx).cloned().unwrap_or_default();
+                    super::authorize(authz.as_ref(), "PSK", &user)?;
+                }
                 Ok(Box::new(s) as BoxStream)
             })
         }

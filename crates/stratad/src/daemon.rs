@@ -55,6 +55,8 @@ pub struct Daemon {
     pub shutdown: CancellationToken,
     /// Cancelled once every command-line option has been processed; monitors wait for it.
     pub started: CancellationToken,
+    /// `authz-simple` / `authz-list` objects by id, for `tls-authz`.
+    pub authz: crate::authz::AuthzObjects,
     /// Character devices.
     pub chardevs: Mutex<crate::commands::chardev::Registry>,
     /// QOM bookkeeping of user-created objects (properties, `/objects` order).
@@ -89,6 +91,7 @@ impl Daemon {
             nbd: tokio::sync::Mutex::new(NbdState::default()),
             shutdown: CancellationToken::new(),
             started: CancellationToken::new(),
+            authz: Default::default(),
             chardevs: Mutex::new(Default::default()),
             qom: Mutex::new(Default::default()),
         })

@@ -144,7 +144,14 @@ pub async fn start_server(d: &Daemon, a: &Args) -> Result<(), String> {
                 .cloned()
                 .and_then(|c| c.downcast::<strata_nbd::TlsCreds>().ok())
                 .ok_or_else(|| format!("Object with id '{id}' is not TLS credentials"))?;
-            Some(creds.server_hook()?)
+            // `tls-authz` without `tls-creds` is accepted and unused, as in QEMU 10.0.
+            let authz = opt_str(a, "tls-authz").map(|id| {
+                Arc::new(crate::authz::AuthzById {
+                    id: id.to_string(),
+                    objects: d.authz.clone(),
+                }) as Arc<dyn strata_nbd::Authorizer>
+            });
+            Some(creds.server_hook_with_authz(authz)?)
         }
         None => None,
     };

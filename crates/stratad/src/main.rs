@@ -1,6 +1,7 @@
 //! `stratad`: a drop-in replacement for `qemu-storage-daemon` — the same command line, QMP
 //! monitors, commands, events and NBD exports, on Strata's engine.
 
+mod authz;
 mod cli;
 mod commands;
 mod daemon;

@@ -277,6 +277,31 @@ impl NbdServer {
     }
 }
 
+/// Serves one connection over `stream` with `exports` and no listener, then waits for its
+/// request tasks: the fuzz target's way into the real handshake and request loop.
+#[doc(hidden)]
+pub async fn serve_detached(
+    stream: BoxStream,
+    exports: Vec<ExportConfig>,
+    opts: ServerOptions,
+) -> Result<()> {
+    let shared = Arc::new(Shared {
+        exports: ExportSet::default(),
+        opts,
+        tls: None,
+        cancel: CancellationToken::new(),
+        tracker: TaskTracker::new(),
+        connections: AtomicU32::new(0),
+    });
+    for cfg in exports {
+        shared.exports.add(cfg, &shared.cancel)?;
+    }
+    conn::serve(stream, Arc::clone(&shared)).await;
+    shared.tracker.close();
+    shared.tracker.wait().await;
+    Ok(())
+}
+
 impl Drop for NbdServer {
     fn drop(&mut self) {
         self.shared.cancel.cancel();

@@ -62,6 +62,11 @@ pub fn add(d: &Daemon, a: &Args) -> Result<(), strata_qmp::QmpError> {
         }
         _ => Object::Other,
     };
+    // Every id, so `tls-authz` can tell a missing object from one of another type.
+    let authz = crate::authz::from_object(kind, &props)
+        .transpose()
+        .map_err(generic)?;
+    d.authz.lock().insert(id.to_string(), authz);
     objs.0.insert(id.to_string(), obj);
     d.qom.lock().added(id, kind, &props);
     Ok(())
@@ -95,5 +100,6 @@ pub async fn object_del(d: Arc<Daemon>, a: Args) -> Reply {
     d.qom.lock().removed(id);
     objs.1.throttle_groups.remove(id);
     objs.1.tls_creds.remove(id);
+    d.authz.lock().remove(id);
     Ok(ok())
 }
