@@ -110,12 +110,20 @@ pub(crate) fn backing_format(g: &Graph, base: &str, mask_protocol: bool) -> Stri
 }
 
 /// Rewrite the backing file name and format in `node`'s header (qcow2 only; other drivers
-/// have no header to change).
+/// have no header to change). The new backing chain is flushed first: what a commit wrote
+/// into the base must be on disk before a header makes the overlay read it there.
 pub(crate) async fn write_backing_header(
     node: &NodeRef,
     file: Option<&str>,
     format: Option<&str>,
 ) -> Result<(), String> {
+    let mut below = node.backing();
+    while let Some(b) = below {
+        b.flush()
+            .await
+            .map_err(|e| format!("Could not flush the backing chain: {e}"))?;
+        below = b.backing();
+    }
     let d = driver_of(node);
     match d.as_any().downcast_ref::<Qcow2>() {
         Some(q) => q

@@ -54,6 +54,29 @@ async fn commit_mid_into_base_with_guest_writes() {
     assert_eq!(w.events(false), qsd_success("commit", 4 * MIB, 4 * MIB));
 }
 
+/// The overlay's header names the base only once what the commit wrote into the base is
+/// on disk: a kill right after the job leaves the full guest view.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_commit_is_on_disk_before_the_overlay_names_the_base() {
+    let w = World::new(three(), true).await;
+    block_commit(
+        &w.env,
+        &World::args(
+            json!({"job-id": "job0", "device": "top", "top-node": "mid", "base-node": "base"}),
+        ),
+    )
+    .await
+    .expect("block-commit");
+    w.wait_gone("job0").await;
+    w.verify_on_disk_while_open("top");
+    w.close(&[]).await;
+    assert_eq!(
+        w.backing_of("top").as_deref(),
+        Some(w.path_str("base").as_str())
+    );
+    w.verify("top");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commit_defaults_file_names_and_backing_file() {
     // top by file name (relative to the overlay's directory), base = bottom of the chain,

@@ -66,6 +66,24 @@ async fn stream_whole_chain_with_guest_writes() {
     assert_eq!(w.events(false), qsd_success("stream", 4 * MIB, 4 * MIB));
 }
 
+/// The header that drops the backing file is written only after the L2 entries of the
+/// streamed data are on disk: a kill right after the job leaves the full guest view.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_stream_is_on_disk_before_the_backing_file_goes() {
+    let w = World::new(three(), true).await;
+    block_stream(
+        &w.env,
+        &World::args(json!({"job-id": "job0", "device": "top"})),
+    )
+    .await
+    .expect("block-stream");
+    w.wait_gone("job0").await;
+    w.verify_on_disk_while_open("top");
+    w.close(&[]).await;
+    assert_eq!(w.backing_of("top"), None);
+    w.verify("top");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_with_bottom_and_base_file_name_and_backing_file() {
     // `bottom: mid` copies only mid's data; base stays below.

@@ -422,6 +422,10 @@ impl Qcow2 {
     /// need). `None` removes the backing file.
     pub async fn set_backing(&self, file: Option<&str>, format: Option<&str>) -> Result<()> {
         self.check_writable()?;
+        // The L2 entries of data copied in (stream, safe rebase) go to disk before a header
+        // that stops the backing file from showing through: a kill in between would
+        // otherwise read holes where that data was.
+        self.do_flush().await?;
         let mut m = self.meta.lock().await;
         if file.is_some() && m.h.data_file_raw() {
             return Err(Error::invalid(

@@ -272,6 +272,28 @@ impl World {
         }
     }
 
+    /// Compare what is on disk for `top` now, while the images are still open and nothing
+    /// was closed or flushed by the test (`qemu-img compare -U`), with the model: what a
+    /// kill at this point would leave. Only meaningful once no unflushed guest write is
+    /// left.
+    pub fn verify_on_disk_while_open(&self, top: &str) {
+        let raw = self.dir.path().join("model.raw");
+        std::fs::write(&raw, &*self.model.lock()).expect("write model");
+        run(
+            "qemu-img",
+            &[
+                "compare",
+                "-U",
+                "-f",
+                "qcow2",
+                "-F",
+                "raw",
+                &self.path_str(top),
+                &raw.to_string_lossy(),
+            ],
+        );
+    }
+
     /// `qemu-img info --backing-chain` of `top`: the image file names, top first.
     pub fn chain(&self, top: &str) -> Vec<String> {
         let out = run(
