@@ -12,16 +12,22 @@ Checked after the kill:
 - the guest view of top (qemu-img over the chain its header names): every 4 KiB block holds
   one generation, the last acknowledged write's — or, for the run the kill interrupted,
   its own; never an older one, never a torn or another write's block;
-- stratad starts again on the images (the open-time repair) and reads the same view.
-Operations: guest writes alone, stream, active commit (left READY), mirror (background and
-write-blocking), backup (full; incremental from a persistent bitmap), persistent bitmap
-add/merge/remove between the writes.
+- stratad starts again on the images (the open-time repair) and reads the same view;
+- after that restart every image passes `qemu-img check` with no leaks: an image a killed
+  session was writing carries Strata's session-open autoclear bit, and a read-write open
+  frees what that session allocated but never referenced.
+Operations: guest writes alone, stream, commit (active, left READY; intermediate, of top
+into base under an active layer the guest writes to), mirror (background and
+write-blocking), backup (full; incremental from a persistent bitmap; fleecing: sync=none
+into an overlay of top exported read-only), persistent bitmap add/merge/remove between the
+writes.
 
     tests/e2e/run.sh --daemons=stratad test_crash_live.py          # CI: 20 kill points per op
     STRATA_LONG=1 tests/e2e/run.sh --daemons=stratad test_crash_live.py   # 200 per op
     STRATA_LIVE_SEED=N ...                                           # replay from seed N
 """
 
+import json
 import os
 import random
 import signal
@@ -38,8 +44,9 @@ SIZE = 4 * MIB
 BLK = 4096
 NBLK = SIZE // BLK
 CLUSTER = 64 * 1024
-OPS = ["guest", "stream", "commit-active", "mirror-background", "mirror-write-blocking",
-       "backup-full", "backup-incremental", "bitmaps"]
+OPS = ["guest", "stream", "commit-active", "commit-intermediate", "mirror-background",
+       "mirror-write-blocking", "backup-full", "backup-incremental", "backup-fleecing",
+       "bitmaps"]
 POINTS = int(os.environ.get("STRATA_LIVE_POINTS", "200" if os.environ.get("STRATA_LONG") else "20"))
 SEED = int(os.environ.get("STRATA_LIVE_SEED", "20261122"))
 
@@ -51,8 +58,21 @@ def _sh(*argv, ok=True):
     return p
 
 
-def _chain(w, rng):
-    """base (gen 1) <- top (gen 2 in half of its clusters); returns the expected view."""
+def _guest(op):
+    """The node the guest writes to: an empty active layer over top for an intermediate
+    commit (of top into base), top itself otherwise."""
+    return "act" if op == "commit-intermediate" else "top"
+
+
+def _images(op):
+    """The images of a kill point: the chain, the job target, and the op's own."""
+    extra = {"commit-intermediate": ["act"], "backup-fleecing": ["f"]}.get(op, [])
+    return ["base", "top", "t"] + extra
+
+
+def _chain(w, rng, op):
+    """base (gen 1) <- top (gen 2 in half of its clusters) [<- act]; returns the expected
+    view."""
     base, top, tgt = (os.path.join(w, n) for n in ("base.qcow2", "top.qcow2", "t.qcow2"))
     _sh("qemu-img", "create", "-q", "-f", "qcow2", base, str(SIZE))
     _sh("qemu-io", "-f", "qcow2", "-c", f"write -P 1 0 {SIZE}", base)
@@ -66,25 +86,44 @@ def _chain(w, rng):
             expected[b] = 2
     _sh("qemu-io", "-f", "qcow2", *cmds, top)
     _sh("qemu-img", "create", "-q", "-f", "qcow2", tgt, str(SIZE))
+    if op == "commit-intermediate":
+        _sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", "top.qcow2", "-F", "qcow2",
+            os.path.join(w, "act.qcow2"))
+    if op == "backup-fleecing":
+        _sh("qemu-img", "create", "-q", "-f", "qcow2", os.path.join(w, "f.qcow2"), str(SIZE))
     return expected
 
 
-def _args(w):
-    return ["--blockdev", f"driver=qcow2,node-name=base,file.driver=file,"
+def _header_backing(w, img):
+    """The node name of the backing file `img`'s header names (None without one)."""
+    p = _sh("qemu-img", "info", "-U", "--output=json", os.path.join(w, f"{img}.qcow2"))
+    name = json.loads(p.stdout).get("backing-filename")
+    return name and os.path.basename(name).removesuffix(".qcow2")
+
+
+def _args(w, op):
+    args = ["--blockdev", f"driver=qcow2,node-name=base,file.driver=file,"
                           f"file.filename={w}/base.qcow2",
             "--blockdev", f"driver=qcow2,node-name=top,backing=base,file.driver=file,"
                           f"file.filename={w}/top.qcow2",
-            "--blockdev", f"driver=qcow2,node-name=t,file.driver=file,file.filename={w}/t.qcow2",
-            "--nbd-server", f"addr.type=unix,addr.path={w}/nbd.sock",
-            "--export", "type=nbd,id=g,node-name=top,name=guest,writable=on"]
+            "--blockdev", f"driver=qcow2,node-name=t,file.driver=file,file.filename={w}/t.qcow2"]
+    if op == "commit-intermediate":
+        # After a finished commit the header names base: open it as it says.
+        args += ["--blockdev", f"driver=qcow2,node-name=act,backing={_header_backing(w, 'act')},"
+                               f"file.driver=file,file.filename={w}/act.qcow2"]
+    return args + ["--nbd-server", f"addr.type=unix,addr.path={w}/nbd.sock",
+                   "--export", f"type=nbd,id=g,node-name={_guest(op)},name=guest,writable=on"]
 
 
-def _start_op(d, op, rng):
+def _start_op(d, op, rng, w):
     speed = 2 * MIB
     if op == "stream":
         d.execute("block-stream", {"job-id": "j", "device": "top", "speed": speed})
     elif op == "commit-active":
         d.execute("block-commit", {"job-id": "j", "device": "top", "speed": speed})
+    elif op == "commit-intermediate":
+        d.execute("block-commit", {"job-id": "j", "device": "act", "top-node": "top",
+                                   "base-node": "base", "speed": speed})
     elif op.startswith("mirror"):
         d.execute("blockdev-mirror", {"job-id": "j", "device": "top", "target": "t",
                                       "sync": "full", "speed": speed,
@@ -94,6 +133,14 @@ def _start_op(d, op, rng):
                                       "sync": "full", "speed": speed})
     elif op == "backup-incremental":
         d.execute("block-dirty-bitmap-add", {"node": "top", "name": "b0", "persistent": True})
+    elif op == "backup-fleecing":
+        # Classic fleecing: an overlay of top fed by copy-before-write, exported read-only.
+        d.execute("blockdev-add", {"driver": "qcow2", "node-name": "f", "backing": "top",
+                                   "file": {"driver": "file", "filename": f"{w}/f.qcow2"}})
+        d.execute("blockdev-backup", {"job-id": "j", "device": "top", "target": "f",
+                                      "sync": "none"})
+        d.execute("block-export-add", {"type": "nbd", "id": "fx", "node-name": "f",
+                                       "name": "fleece"})
 
 
 def _bitmap_op(d, rng, i):
@@ -107,9 +154,9 @@ def _bitmap_op(d, rng, i):
         d.execute("block-dirty-bitmap-remove", {"node": "top", "name": f"b{rng.randrange(i)}"})
 
 
-def _view(w):
+def _view(w, op):
     raw = os.path.join(w, "view.raw")
-    _sh("qemu-img", "convert", "-U", "-O", "raw", os.path.join(w, "top.qcow2"), raw)
+    _sh("qemu-img", "convert", "-U", "-O", "raw", os.path.join(w, f"{_guest(op)}.qcow2"), raw)
     with open(raw, "rb") as f:
         return f.read()
 
@@ -134,11 +181,11 @@ def _check_view(data, expected, inflight, where):
 def one_point(binary, op, seed, w):
     """-> (leaks-only images, failures, acknowledged writes, whether a write was cut)"""
     rng = random.Random(seed)
-    expected = _chain(w, rng)
+    expected = _chain(w, rng, op)
     d = e2elib.Daemon("stratad", binary, w, "live")
-    d.start(_args(w))
+    d.start(_args(w, op))
     uri = f"nbd+unix:///guest?socket={w}/nbd.sock"
-    _start_op(d, op, rng)
+    _start_op(d, op, rng, w)
     delay = rng.uniform(0.05, 0.9)
     killer = threading.Timer(delay, lambda: d.proc.send_signal(signal.SIGKILL))
     killer.start()
@@ -175,17 +222,17 @@ def one_point(binary, op, seed, w):
     d.proc.wait(timeout=10)
     d.disconnect()
     fails, leaks = [], 0
-    for img in ("base", "top", "t"):
+    for img in _images(op):
         rc = _sh("qemu-img", "check", "-q", os.path.join(w, f"{img}.qcow2"), ok=False).returncode
         if rc == 3:
             leaks += 1
         elif rc != 0:
             fails.append(f"qemu-img check {img}: exit {rc}")
-    fails += _check_view(_view(w), expected, inflight, "after kill")
+    fails += _check_view(_view(w, op), expected, inflight, f"after kill (in flight: {inflight})")
     # Restart: stratad opens the images again (repairing what the kill left) and serves the
     # same view.
     d2 = e2elib.Daemon("stratad", binary, w, "restart")
-    d2.start(_args(w))
+    d2.start(_args(w, op))
     try:
         p = subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", uri,
                             os.path.join(w, "served.raw")], capture_output=True, text=True,
@@ -195,12 +242,18 @@ def one_point(binary, op, seed, w):
         else:
             with open(os.path.join(w, "served.raw"), "rb") as f:
                 served = f.read()
-            if served != _view(w):
+            if served != _view(w, op):
                 fails.append("restart: the served view differs from the image's")
     finally:
         rc = d2.stop("quit")
         if rc != 0:
             fails.append(f"restart: exit {rc}: {d2.stderr()[-300:]}")
+    # The restart opened every image but the fleecing overlay (scratch space) read-write:
+    # the leaks the kill left are freed.
+    for img in [i for i in _images(op) if i != "f"]:
+        rc = _sh("qemu-img", "check", "-q", os.path.join(w, f"{img}.qcow2"), ok=False).returncode
+        if rc != 0:
+            fails.append(f"after restart: qemu-img check {img}: exit {rc}")
     return leaks, [f"{op} seed {seed}: {f}" for f in fails], gen - 3, inflight is not None
 
 

@@ -79,8 +79,17 @@ pub mod autoclear {
     /// date (see `identity`). Cleared by a program that opens the image read-write without
     /// knowing it, which makes the generation unknown.
     pub const STRATA_GENERATION_VALID: u64 = 1 << 62;
+    /// Strata's own: a Strata session has written to the image and not yet closed it. Set
+    /// with the generation before the first write, cleared by a clean close; found set at a
+    /// read-write open, the last session ended uncleanly and the clusters it allocated but
+    /// never referenced are freed (`check -r leaks`) before use.
+    pub const STRATA_SESSION_OPEN: u64 = 1 << 61;
     /// Every bit this implementation knows.
-    pub const MASK: u64 = BITMAPS | DATA_FILE_RAW | STRATA_WRITE_INTENT | STRATA_GENERATION_VALID;
+    pub const MASK: u64 = BITMAPS
+        | DATA_FILE_RAW
+        | STRATA_WRITE_INTENT
+        | STRATA_GENERATION_VALID
+        | STRATA_SESSION_OPEN;
 }
 
 /// Header extension magics.

@@ -468,7 +468,8 @@ impl SessionGeneration {
                 },
             };
             put(&mut m.h, ext::STRATA_GENERATION, Some(next.to_bytes()));
-            m.h.autoclear_features |= STRATA_GENERATION_VALID;
+            m.h.autoclear_features |=
+                STRATA_GENERATION_VALID | crate::header::autoclear::STRATA_SESSION_OPEN;
             if m.h.serialize(m.cs).is_ok() {
                 if let Err(e) = async {
                     m.write_header().await?;

@@ -191,6 +191,11 @@ impl Qcow2 {
             // refcounts before writing, as QEMU does on a read-write open.
             crate::check::repair_dirty(&file).await?;
             h = read_header(&file).await?;
+        } else if h.autoclear_features & autoclear::STRATA_SESSION_OPEN != 0 && !read_only {
+            // The last Strata session that wrote here was killed: free what it allocated
+            // and never referenced. The bit is cleared at this session's clean close.
+            crate::check::repair_leaks(&file).await?;
+            h = read_header(&file).await?;
         }
         if let Some(b) = &backing {
             // An overlay that recorded its backing file refuses one that changed since.
@@ -588,6 +593,11 @@ impl Qcow2 {
         if m.lazy {
             m.lazy = false;
             m.set_dirty(false).await?;
+        }
+        if m.h.autoclear_features & autoclear::STRATA_SESSION_OPEN != 0 {
+            m.h.autoclear_features &= !autoclear::STRATA_SESSION_OPEN;
+            m.write_header().await?;
+            m.sync().await?;
         }
         Ok(())
     }

@@ -215,6 +215,19 @@ pub async fn check(file: &NodeRef, repair: Option<RepairMode>) -> Result<CheckRe
     })
 }
 
+/// Free the leaked clusters of the qcow2 image in `file` (`-r leaks`), before it is opened
+/// after an unclean stop of a Strata session.
+pub async fn repair_leaks(file: &NodeRef) -> Result<()> {
+    let p = pass(file, Fix::from_mode(Some(RepairMode::Leaks))).await?;
+    match p.failure {
+        Some(e) => Err(Error::new(
+            e.kind(),
+            format!("Could not free leaked clusters: {}", e.message()),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Repair an image whose dirty bit is set (lazy refcounts), as QEMU does when it opens such
 /// an image for writing: one `-r all` pass, which also clears the dirty bit. Fails with
 /// "Could not repair dirty image" if the pass hit internal errors.
