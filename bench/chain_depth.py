@@ -5,9 +5,11 @@ For each depth (default 1, 8, 32, 128) one chain is built with qemu-img + qemu-i
 clusters, so reads land on every layer. Each daemon opens the top image (the chain below it
 opened from the headers, as `--blockdev driver=qcow2,file.driver=file,...` does), exports it
 read-only over NBD, and fio (nbd engine) reads 4 KiB at random offsets at queue depth 1 and 16
-for a fixed time. Reported: IOPS, p50/p99 latency, the daemon's RSS after the run, and the
-time from start to an answered `query-named-block-nodes` (the whole chain open). The daemons
-alternate; medians of --reps runs.
+for a fixed time. Reported: IOPS, p50/p99 latency, the daemon's RSS once the chain is open and
+after the reads, the time from start to every node listed by `query-named-block-nodes` with
+`flat` (the whole chain open), and the time of one full (nested) `query-named-block-nodes`,
+whose answer repeats every chain below each node. The daemons alternate; medians of --reps
+runs.
 
 Usage: bench/chain_depth.py [--depths 1,8,32,128] [--reps 3] [--seconds 8] [--size-mib 1024]
 Needs qemu-img, qemu-io, qemu-storage-daemon and fio with its nbd engine. Scratch: $S (default
@@ -69,15 +71,19 @@ def one(binary, tag, top, seconds):
     d = jobs.Daemon(binary, tag, ["--blockdev", f"driver=qcow2,node-name=top,read-only=on,"
                                   f"file.driver=file,file.filename={top},file.{jobs.FILE_OPTS.replace(',', ',file.')}"])
     open_s = time.monotonic() - t0
+    rss_open = d.status("VmRSS") / 1024
     try:
         nbd = f"{jobs.W}/nbd.sock"
         d.q.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": nbd}})
         d.q.call("block-export-add", {"type": "nbd", "id": "e0", "node-name": "top", "name": "top"})
-        r = {"open_s": open_s}
+        r = {"open_s": open_s, "rss_open_mib": rss_open}
         for qd in (1, 16):
             for k, v in fio_randread(nbd, qd, seconds).items():
                 r[f"qd{qd}_{k}"] = v
         r["rss_mib"] = d.status("VmRSS") / 1024
+        t = time.monotonic()
+        d.q.cmd("query-named-block-nodes")
+        r["query_s"] = time.monotonic() - t
         return r
     finally:
         d.stop()
@@ -107,11 +113,13 @@ def main():
         for tag in runs:
             med = {k: statistics.median(r[k] for r in runs[tag]) for k in runs[tag][0]}
             rows.append((depth, tag, med))
-    print("\n| depth | daemon | open s | QD1 IOPS | QD1 p50 µs | QD1 p99 µs | QD16 IOPS | QD16 p99 µs | RSS MiB |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| depth | daemon | open s | RSS open MiB | QD1 IOPS | QD1 p50 µs | QD1 p99 µs | QD16 IOPS "
+          "| QD16 p99 µs | RSS after MiB | nested query s |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for depth, tag, m in rows:
-        print(f"| {depth} | {tag} | {m['open_s']:.3f} | {m['qd1_iops']:.0f} | {m['qd1_p50_us']:.0f} | "
-              f"{m['qd1_p99_us']:.0f} | {m['qd16_iops']:.0f} | {m['qd16_p99_us']:.0f} | {m['rss_mib']:.0f} |")
+        print(f"| {depth} | {tag} | {m['open_s']:.3f} | {m['rss_open_mib']:.1f} | {m['qd1_iops']:.0f} | "
+              f"{m['qd1_p50_us']:.0f} | {m['qd1_p99_us']:.0f} | {m['qd16_iops']:.0f} | "
+              f"{m['qd16_p99_us']:.0f} | {m['rss_mib']:.0f} | {m['query_s']:.2f} |")
 
 
 if __name__ == "__main__":

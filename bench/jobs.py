@@ -209,7 +209,7 @@ class Daemon:
         t = time.monotonic()
         self.partial = False
         while True:
-            have = {n["node-name"] for n in self.q.cmd("query-named-block-nodes")}
+            have = {n["node-name"] for n in self.q.cmd("query-named-block-nodes", flat=True)}
             if want <= have:
                 break
             self.partial = True
