@@ -103,6 +103,8 @@ pub(crate) struct Meta {
     pub l1: Vec<u64>,
     pub l2: TableCache<Vec<u64>>,
     pub rt: Vec<u64>,
+    /// `rt` is still on disk (read-only opens load it on first use).
+    pub rt_deferred: bool,
     pub rb: TableCache<Vec<u8>>,
     pub rb_entries: u64,
     pub rc_bits: u32,
@@ -456,6 +458,10 @@ impl Meta {
     // ---------------------------------------------------------------- refcounts
 
     fn region_block(&self, ri: u64) -> Result<Option<u64>> {
+        if self.rt_deferred {
+            // Not loaded yet (see `ensure_reftable`): an answer would be a silent "free".
+            return Err(Error::invalid("refcount table not loaded (internal error)"));
+        }
         let Some(&raw) = self.rt.get(ri as usize) else {
             return Ok(None);
         };
@@ -529,8 +535,24 @@ impl Meta {
         Ok(())
     }
 
+    /// Load the refcount table a read-only open left on disk (see `Qcow2::open`); only
+    /// the metadata-preallocation probe of block status reads refcounts of such an image.
+    async fn ensure_reftable(&mut self) -> Result<()> {
+        if self.rt_deferred {
+            self.file.debug_event(strata_core::DebugEvent::ReftableLoad);
+            let bytes = self.read_at(
+                self.h.refcount_table_offset,
+                u64::from(self.h.refcount_table_clusters) * self.cs,
+            );
+            self.rt = be_u64s(&bytes.await?);
+            self.rt_deferred = false;
+        }
+        Ok(())
+    }
+
     /// Refcount of host cluster `ci`.
     pub async fn get_refcount(&mut self, ci: u64) -> Result<u64> {
+        self.ensure_reftable().await?;
         let ri = ci / self.rb_entries;
         let Some(off) = self.region_block(ri)? else {
             return Ok(0);

@@ -224,13 +224,20 @@ impl Qcow2 {
         let l1_bytes = u64::from(h.l1_size) * 8;
         debug_assert!(l1_bytes <= MAX_L1_SIZE_BYTES);
         let l1 = read_u64s(&*file, h.l1_table_offset, l1_bytes).await?;
-        file.debug_event(strata_core::DebugEvent::ReftableLoad);
-        let rt = read_u64s(
-            &*file,
-            h.refcount_table_offset,
-            u64::from(h.refcount_table_clusters) * cs,
-        )
-        .await?;
+        // A read-only image rarely looks at its refcounts (a reopen read-write opens anew):
+        // leaving the table on disk until then keeps each backing file of a deep chain at a
+        // few KiB.
+        let rt = if read_only {
+            Vec::new()
+        } else {
+            file.debug_event(strata_core::DebugEvent::ReftableLoad);
+            read_u64s(
+                &*file,
+                h.refcount_table_offset,
+                u64::from(h.refcount_table_clusters) * cs,
+            )
+            .await?
+        };
         let snapshots = snapshot::read_snapshots(&*file, &h).await?;
 
         let l2_needed = h.l1_entries_for_size(h.size).max(1) * cs;
@@ -278,6 +285,7 @@ impl Qcow2 {
             cs,
             l1,
             l2: TableCache::new(l2_tables),
+            rt_deferred: read_only && h.refcount_table_clusters > 0,
             rt,
             rb: TableCache::new(rb_tables),
             rb_entries: refcount::entries_per_block(cs, rc_bits),
