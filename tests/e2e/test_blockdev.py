@@ -17,6 +17,24 @@ def test_blockdev_add_implicit_chain(run):
 
 
 @scenario
+def test_blockdev_add_cache_inherited(run):
+    """cache.direct / cache.no-flush of a qcow2 node reach its inline file child and the
+    backing chain opened from the headers, unless a child sets its own."""
+    base, mid, top = run.chain()
+    run.start()
+    run.ok("blockdev-add", {"driver": "qcow2", "node-name": "top",
+                            "cache": {"direct": True, "no-flush": True},
+                            "file": {"driver": "file", "filename": top,
+                                     "cache": {"direct": False}}})
+    nodes(run, "nodes", "cache.direct", "cache.no-flush")
+    run.ok("blockdev-add", {"driver": "qcow2", "node-name": "other", "read-only": True,
+                            "cache": {"no-flush": True}, "backing": None,
+                            "file": {"driver": "file", "filename": base}})
+    nodes(run, "nodes after a second add", "cache.direct", "cache.no-flush")
+    run.stop()
+
+
+@scenario
 def test_blockdev_add_errors(run):
     base, mid, top = run.chain()
     run.start()

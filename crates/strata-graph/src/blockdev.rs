@@ -64,6 +64,42 @@ struct Opening<'a> {
     created: Vec<String>,
     /// `force-share` of the node whose inline children are being opened (they inherit it).
     inherited_force_share: bool,
+    /// `cache` (`direct`, `no-flush`) of the node whose inline children — its file, and
+    /// the backing files its header names — are being opened: they inherit what they do
+    /// not set themselves, as QEMU's `bdrv_inherited_options`.
+    inherited_cache: Map<String, Value>,
+}
+
+/// `opts` with the `cache` members it does not set taken from `inherited` (`None`: nothing
+/// to add).
+fn inherit_cache(
+    opts: &Map<String, Value>,
+    inherited: &Map<String, Value>,
+) -> Option<Map<String, Value>> {
+    let own = opts.get("cache").and_then(Value::as_object);
+    let missing: Vec<(&String, &Value)> = inherited
+        .iter()
+        .filter(|(k, _)| ["direct", "no-flush"].contains(&k.as_str()))
+        .filter(|(k, _)| own.is_none_or(|o| !o.contains_key(*k)))
+        .collect();
+    if missing.is_empty() {
+        return None;
+    }
+    let mut cache = own.cloned().unwrap_or_default();
+    for (k, v) in missing {
+        cache.insert(k.clone(), v.clone());
+    }
+    let mut out = opts.clone();
+    out.insert("cache".into(), Value::Object(cache));
+    Some(out)
+}
+
+/// `cache.<key>` of a node's options (`direct`, `no-flush`); off when not given.
+pub fn cache_flag(opts: &Map<String, Value>, key: &str) -> bool {
+    opts.get("cache")
+        .and_then(|c| c.get(key))
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
 }
 
 /// Read an optional member as a bool.
@@ -94,6 +130,7 @@ pub async fn blockdev_add(
         objects,
         created: Vec::new(),
         inherited_force_share: false,
+        inherited_cache: Map::new(),
     };
     match op.open(opts, None, 0).await {
         Ok(name) => {
@@ -122,6 +159,7 @@ pub async fn open_node(
         objects,
         created: Vec::new(),
         inherited_force_share: false,
+        inherited_cache: Map::new(),
     };
     match op.open(opts, None, 0).await {
         Ok(name) => Ok(name),
@@ -194,6 +232,14 @@ impl Opening<'_> {
             return Err("force-share=on can only be used with read-only images".into());
         }
         let outer_force_share = std::mem::replace(&mut self.inherited_force_share, force_share);
+        let with_cache = inherit_cache(opts, &self.inherited_cache);
+        let opts = with_cache.as_ref().unwrap_or(opts);
+        let own_cache = opts
+            .get("cache")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
+        let outer_cache = std::mem::replace(&mut self.inherited_cache, own_cache);
         let mut recorded = opts.clone();
         if force_share {
             recorded.insert("force-share".into(), json!(true));
@@ -226,6 +272,7 @@ impl Opening<'_> {
                 };
                 let node = FileNode::open(Path::new(filename), &fo).map_err(|e| e.to_string())?;
                 node.set_locking(locking);
+                node.set_no_flush(cache_flag(opts, "no-flush"));
                 (node as NodeRef, NodeKind::Protocol)
             }
             "null-co" | "null-aio" => {
@@ -416,6 +463,7 @@ impl Opening<'_> {
         };
 
         self.inherited_force_share = outer_force_share;
+        self.inherited_cache = outer_cache;
         let node = GraphNode::new(&name, driver_node.clone());
         recorded.insert("node-name".into(), json!(name));
         self.graph.insert_node(NodeRec {
@@ -639,6 +687,7 @@ async fn reopen_one(graph: &mut Graph, name: &str, read_only: bool) -> Result<()
                 },
             )
             .map_err(|e| e.to_string())?;
+            file.set_no_flush(cache_flag(&opts, "no-flush"));
             // The new descriptor takes the old one's locks before the old one goes.
             if let Some(prev) = old.as_any().downcast_ref::<FileNode>() {
                 file.take_locks_from(prev);

@@ -88,6 +88,8 @@ pub struct FileNode {
     me: Weak<FileNode>,
     /// The image locks this node's descriptor holds (see [`crate::lock`]).
     locks: std::sync::Mutex<LockState>,
+    /// `cache.no-flush=on`: flushes (and the one at close) skip `fdatasync`.
+    no_flush: std::sync::atomic::AtomicBool,
 }
 
 /// `BLKGETSIZE64` = `_IOR(0x12, 114, u64)`; libc does not export it.
@@ -392,7 +394,19 @@ impl FileNode {
             io,
             me: me.clone(),
             locks: std::sync::Mutex::new(LockState::new(true)),
+            no_flush: Default::default(),
         }))
+    }
+
+    /// `cache.no-flush`: with `on`, flushes succeed without reaching the disk (QEMU's
+    /// `BDRV_O_NO_FLUSH`; data may be lost on a host crash).
+    pub fn set_no_flush(&self, on: bool) {
+        self.no_flush
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn skips_flush(&self) -> bool {
+        self.no_flush.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn lock_state(&self) -> std::sync::MutexGuard<'_, LockState> {
@@ -693,12 +707,19 @@ impl BlockNode for FileNode {
     }
 
     fn flush(&self) -> BoxFuture<'_, ()> {
+        if self.skips_flush() {
+            return Box::pin(async { Ok(()) });
+        }
         Box::pin(self.io.engine.fsync(Arc::clone(&self.io.file), true))
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            let r = self.io.engine.fsync(Arc::clone(&self.io.file), true).await;
+            let r = if self.skips_flush() {
+                Ok(())
+            } else {
+                self.io.engine.fsync(Arc::clone(&self.io.file), true).await
+            };
             // The image is no longer ours to protect, even if a reference to the node
             // outlives the close (QEMU closes the descriptor here).
             self.lock_state().release(self.io.file.fd());

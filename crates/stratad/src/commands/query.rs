@@ -125,14 +125,14 @@ async fn device_info(g: &Graph, name: &str, flat: bool, memo: &mut ChainInfos) -
     v.insert("image".into(), image_info(g, name, !flat, memo).await);
     v.insert("write_threshold".into(), json!(rec.node.write_threshold()));
     v.insert("active".into(), json!(rec.node.is_active()));
-    let direct = rec
-        .options
-        .get("cache")
-        .and_then(|c| c.get("direct"))
-        .and_then(Value::as_bool);
+    let opts = rec.options.as_object().cloned().unwrap_or_default();
     v.insert(
         "cache".into(),
-        json!({"writeback": true, "direct": direct.unwrap_or(false), "no-flush": false}),
+        json!({
+            "writeback": true,
+            "direct": strata_graph::blockdev::cache_flag(&opts, "direct"),
+            "no-flush": strata_graph::blockdev::cache_flag(&opts, "no-flush"),
+        }),
     );
     let bitmaps: Vec<Value> = rec
         .node
