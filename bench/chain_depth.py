@@ -3,7 +3,8 @@
 For each depth (default 1, 8, 32, 128) one chain is built with qemu-img + qemu-io: a base with
 ~50% of its clusters written, then `depth - 1` overlays that each write a handful of random
 clusters, so reads land on every layer. Each daemon opens the top image (the chain below it
-opened from the headers, as `--blockdev driver=qcow2,file.driver=file,...` does), exports it
+opened from the headers, as `--blockdev driver=qcow2,file.driver=file,...` does; `cache.direct=on`
+on the qcow2 node, so every layer inherits O_DIRECT), exports it
 read-only over NBD, and fio (nbd engine) reads 4 KiB at random offsets at queue depth 1 and 16
 for a fixed time. Reported: IOPS, p50/p99 latency, the daemon's RSS once the chain is open and
 after the reads, the time from start to every node listed by `query-named-block-nodes` with
@@ -68,7 +69,9 @@ def fio_randread(nbd, qd, seconds):
 def one(binary, tag, top, seconds):
     os.makedirs(jobs.W, exist_ok=True)
     t0 = time.monotonic()
-    d = jobs.Daemon(binary, tag, ["--blockdev", f"driver=qcow2,node-name=top,read-only=on,"
+    # cache.direct on the qcow2 node: every layer (the backing files inherit it, in both
+    # daemons) reads with O_DIRECT, so deep chains are not helped by the page cache.
+    d = jobs.Daemon(binary, tag, ["--blockdev", f"driver=qcow2,node-name=top,read-only=on,cache.direct=on,"
                                   f"file.driver=file,file.filename={top},file.{jobs.FILE_OPTS.replace(',', ',file.')}"])
     open_s = time.monotonic() - t0
     rss_open = d.status("VmRSS") / 1024

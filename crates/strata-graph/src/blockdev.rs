@@ -349,6 +349,9 @@ impl Opening<'_> {
                                 &image_name,
                                 b,
                                 header.backing_format.as_deref(),
+                                self.graph
+                                    .node(&file)
+                                    .and_then(|r| r.options.get("aio").cloned()),
                                 depth,
                             )
                             .await?,
@@ -577,12 +580,16 @@ impl Opening<'_> {
         Link::new(node)
     }
 
-    /// Open the backing file a header names, read-only, with its recorded format.
+    /// Open the backing file a header names, read-only, with its recorded format. Its file
+    /// uses the I/O engine (`aio`) of the overlay's file — a Strata extension: QEMU opens
+    /// backing files with its default (`threads`) whatever the overlay uses, so a chain
+    /// opened with `aio=io_uring` read half its data through the thread pool.
     async fn backing_from_header(
         &mut self,
         image: &str,
         backing: &str,
         format: Option<&str>,
+        aio: Option<Value>,
         depth: usize,
     ) -> Result<String, String> {
         if depth + 1 > MAX_CHAIN_DEPTH {
@@ -596,11 +603,14 @@ impl Opening<'_> {
                 "Could not open backing file: Backing file specified without backing format: '{path}'"
             ));
         };
-        let o = json!({
+        let mut o = json!({
             "driver": fmt,
             "read-only": true,
             "file": {"driver": "file", "filename": path},
         });
+        if let Some(aio) = aio {
+            o["file"]["aio"] = aio;
+        }
         Box::pin(self.open(o.as_object().expect("object"), Some(true), depth + 1))
             .await
             .map_err(|e| format!("Could not open backing file: {e}"))
