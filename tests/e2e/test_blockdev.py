@@ -35,6 +35,17 @@ def test_blockdev_add_cache_inherited(run):
 
 
 @scenario
+def test_blockdev_add_empty_backing_means_none(run):
+    """`"backing": ""` is QEMU's deprecated spelling of `null`: no backing file, not a
+    reference to a node named ''."""
+    base, mid, top = run.chain()
+    run.start()
+    add_qcow2(run, "top", top, backing="")
+    nodes(run, "nodes", "backing_file", "image.backing-filename")
+    run.stop()
+
+
+@scenario
 def test_blockdev_add_errors(run):
     base, mid, top = run.chain()
     run.start()

@@ -70,6 +70,18 @@ struct Opening<'a> {
     inherited_cache: Map<String, Value>,
 }
 
+/// `opts` with `"backing": ""` turned into `null`, which QEMU still accepts with a
+/// deprecation warning (`None`: nothing to change).
+fn empty_backing_as_null(opts: &Map<String, Value>) -> Option<Map<String, Value>> {
+    if opts.get("backing").and_then(Value::as_str) != Some("") {
+        return None;
+    }
+    eprintln!("warning: Use of \"backing\": \"\" is deprecated; use \"backing\": null instead");
+    let mut out = opts.clone();
+    out.insert("backing".into(), Value::Null);
+    Some(out)
+}
+
 /// `opts` with the `cache` members it does not set taken from `inherited` (`None`: nothing
 /// to add).
 fn inherit_cache(
@@ -234,6 +246,8 @@ impl Opening<'_> {
         let outer_force_share = std::mem::replace(&mut self.inherited_force_share, force_share);
         let with_cache = inherit_cache(opts, &self.inherited_cache);
         let opts = with_cache.as_ref().unwrap_or(opts);
+        let null_backing = empty_backing_as_null(opts);
+        let opts = null_backing.as_ref().unwrap_or(opts);
         let own_cache = opts
             .get("cache")
             .and_then(Value::as_object)
