@@ -202,9 +202,8 @@ class Daemon:
         if self.proc.poll() is not None:
             raise DaemonGone(f"exited at start-up: {self.logtext()}")
         self.q = Qmp(self.sock)
-        # qsd answers QMP only once every command-line option is done; stratad (at the time of
-        # writing) serves the monitor while later --blockdev options are still being opened.
-        # Wait for the whole graph so the jobs are timed alike; count the starts that needed it.
+        # Both daemons answer QMP only once every command-line option is done (stratad once
+        # served the monitor earlier); the wait stays as a guard and counts starts that need it.
         want = {a.split("node-name=")[1].split(",")[0] for a in extra if "node-name=" in a}
         t = time.monotonic()
         self.partial = False
