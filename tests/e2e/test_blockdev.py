@@ -1,5 +1,7 @@
 """blockdev-add / blockdev-del / query-named-block-nodes (reference §6)."""
 
+import os
+
 from e2elib import add_qcow2, export, nbd_start, nodes, scenario
 
 
@@ -43,6 +45,44 @@ def test_blockdev_add_empty_backing_means_none(run):
     add_qcow2(run, "top", top, backing="")
     nodes(run, "nodes", "backing_file", "image.backing-filename")
     run.stop()
+
+
+@scenario
+def test_discard_and_detect_zeroes_policies(run):
+    """`discard` (ignore by default: guest discards change nothing; inherited by the inline
+    file child) and `detect-zeroes` (zero data written as zero clusters, unmapped with
+    `unmap`), seen in the image maps, the host allocation and query-named-block-nodes."""
+    cases = [("default", {}), ("unmap", {"discard": "unmap"}),
+             ("unmap-file-ignore", {"discard": "unmap", "file-discard": "ignore"}),
+             ("detect-on", {"detect-zeroes": "on"}),
+             ("detect-unmap", {"discard": "unmap", "detect-zeroes": "unmap"})]
+    imgs = {}
+    for label, _ in cases:
+        imgs[label] = run.img(f"{label}.qcow2", "16M")
+        run.io(imgs[label], "write -P 5 0 8M")
+    run.start()
+    nbd_start(run)
+    for label, o in cases:
+        args = {"driver": "qcow2", "node-name": label.replace("-", "_"),
+                "file": {"driver": "file", "filename": imgs[label]}}
+        args.update({k: v for k, v in o.items() if k != "file-discard"})
+        if "file-discard" in o:
+            args["file"]["discard"] = o["file-discard"]
+        run.ok("blockdev-add", args, label=f"blockdev-add {label}")
+        export(run, label.replace("-", "_"), name=label)
+        run.nbd_io(label, "discard 0 4M", "write -z 4M 1M", "write -P 0 5M 1M",
+                   "write -P 0 9M 1M")
+    run.err("blockdev-add", {"driver": "qcow2", "node-name": "bad", "detect-zeroes": "unmap",
+                             "file": {"driver": "file", "filename": imgs["default"]}},
+            desc="setting detect-zeroes to unmap is not allowed without setting discard "
+                 "operation to unmap", label="detect-zeroes=unmap without discard=unmap")
+    nodes(run, "nodes", "detect_zeroes")
+    run.stop()
+    for label, _ in cases:
+        run.rec(f"map {label}", run.img_map(imgs[label]))
+        # Host allocation in MiB (hole punching follows the file node's discard policy).
+        run.rec(f"allocated MiB {label}", os.stat(imgs[label]).st_blocks * 512 >> 20)
+        run.record_image(label, imgs[label])
 
 
 @scenario

@@ -35,8 +35,12 @@ async fn setup(e: &Env, dir: &std::path::Path, cbw_extra: serde_json::Value) -> 
         cbw[k] = v.clone();
     }
     e.add(cbw).await;
-    e.add(json!({"driver": "snapshot-access", "node-name": "acc", "file": "cbw"}))
-        .await;
+    // `discard=unmap` so a client's discard releases areas (QEMU ignores discards on a
+    // node without it, as its own image-fleecing iotest shows).
+    e.add(
+        json!({"driver": "snapshot-access", "node-name": "acc", "file": "cbw", "discard": "unmap"}),
+    )
+    .await;
     snapshot
 }
 

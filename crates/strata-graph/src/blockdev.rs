@@ -25,7 +25,7 @@ use crate::drivers::raw::{RawNode, RawOptions};
 use crate::drivers::throttle::ThrottleNode;
 use crate::graph::{EdgePerms, Graph, NodeKind, NodeRec, valid_node_name};
 use crate::link::Link;
-use crate::node::GraphNode;
+use crate::node::{DetectZeroes, GraphNode};
 use crate::open::path_combine;
 use crate::perm::{EdgeKind, User};
 
@@ -68,6 +68,9 @@ struct Opening<'a> {
     /// the backing files its header names — are being opened: they inherit what they do
     /// not set themselves, as QEMU's `bdrv_inherited_options`.
     inherited_cache: Map<String, Value>,
+    /// `discard=unmap` of that node: inline children without a `discard` of their own
+    /// inherit it (QEMU passes `BDRV_O_UNMAP` down in the open flags).
+    inherited_unmap: bool,
 }
 
 /// `opts` with `"backing": ""` turned into `null`, which QEMU still accepts with a
@@ -143,6 +146,7 @@ pub async fn blockdev_add(
         created: Vec::new(),
         inherited_force_share: false,
         inherited_cache: Map::new(),
+        inherited_unmap: false,
     };
     match op.open(opts, None, 0).await {
         Ok(name) => {
@@ -172,6 +176,7 @@ pub async fn open_node(
         created: Vec::new(),
         inherited_force_share: false,
         inherited_cache: Map::new(),
+        inherited_unmap: false,
     };
     match op.open(opts, None, 0).await {
         Ok(name) => Ok(name),
@@ -254,6 +259,22 @@ impl Opening<'_> {
             .cloned()
             .unwrap_or_default();
         let outer_cache = std::mem::replace(&mut self.inherited_cache, own_cache);
+        let unmap = match opt_str(opts, "discard") {
+            Some(d) => d == "unmap" || d == "on",
+            None => self.inherited_unmap,
+        };
+        let detect_zeroes = opt_str(opts, "detect-zeroes")
+            .and_then(DetectZeroes::parse)
+            .unwrap_or(DetectZeroes::Off);
+        if detect_zeroes == DetectZeroes::Unmap && !unmap {
+            self.inherited_force_share = outer_force_share;
+            self.inherited_cache = outer_cache;
+            return Err(
+                "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap"
+                    .into(),
+            );
+        }
+        let outer_unmap = std::mem::replace(&mut self.inherited_unmap, unmap);
         let mut recorded = opts.clone();
         if force_share {
             recorded.insert("force-share".into(), json!(true));
@@ -481,7 +502,9 @@ impl Opening<'_> {
 
         self.inherited_force_share = outer_force_share;
         self.inherited_cache = outer_cache;
+        self.inherited_unmap = outer_unmap;
         let node = GraphNode::new(&name, driver_node.clone());
+        node.set_write_policy(unmap, detect_zeroes);
         recorded.insert("node-name".into(), json!(name));
         self.graph.insert_node(NodeRec {
             name: name.clone(),

@@ -1,11 +1,11 @@
 //! [`GraphNode`]: a named node of the graph as its parents see it — the driver behind a
 //! [`Link`] (so `blockdev-reopen` can swap in a reopened driver while I/O is drained), with
-//! the generic per-node work QEMU does in `block/io.c`: I/O accounting, and marking the dirty
-//! bitmaps of drivers that do not keep their own.
+//! the generic per-node work QEMU does in `block/io.c`: I/O accounting, marking the dirty
+//! bitmaps of drivers that do not keep their own, the `discard` policy and `detect-zeroes`.
 
 use std::any::Any;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::Instant;
 
 use strata_core::bitmap::BitmapSet;
@@ -30,6 +30,49 @@ pub struct GraphNode {
     threshold_cb: parking_lot::Mutex<ThresholdHook>,
     /// `blockdev-set-active`: an inactive node refuses writes.
     inactive: AtomicBool,
+    /// `discard=unmap` (QEMU's `BDRV_O_UNMAP`): without it discards succeed doing nothing
+    /// and zero writes may not unmap.
+    unmap: AtomicBool,
+    /// `detect-zeroes` as a [`DetectZeroes`] discriminant.
+    detect_zeroes: AtomicU8,
+}
+
+/// `detect-zeroes`: whether a write of all-zero data becomes a zero write (that may unmap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum DetectZeroes {
+    Off = 0,
+    On = 1,
+    Unmap = 2,
+}
+
+impl DetectZeroes {
+    /// The QAPI name (`off`, `on`, `unmap`) to the mode; `None` for anything else.
+    pub fn parse(s: &str) -> Option<DetectZeroes> {
+        match s {
+            "off" => Some(DetectZeroes::Off),
+            "on" => Some(DetectZeroes::On),
+            "unmap" => Some(DetectZeroes::Unmap),
+            _ => None,
+        }
+    }
+
+    /// The QAPI name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DetectZeroes::Off => "off",
+            DetectZeroes::On => "on",
+            DetectZeroes::Unmap => "unmap",
+        }
+    }
+
+    fn from_u8(v: u8) -> DetectZeroes {
+        match v {
+            1 => DetectZeroes::On,
+            2 => DetectZeroes::Unmap,
+            _ => DetectZeroes::Off,
+        }
+    }
 }
 
 /// Called once when a write ends past the threshold: (node name, bytes past it, threshold).
@@ -57,7 +100,27 @@ impl GraphNode {
             write_threshold: AtomicU64::new(0),
             threshold_cb: parking_lot::Mutex::new(ThresholdHook(None)),
             inactive: AtomicBool::new(false),
+            unmap: AtomicBool::new(true),
+            detect_zeroes: AtomicU8::new(DetectZeroes::Off as u8),
         })
+    }
+
+    /// Set the `discard` policy (`unmap`: pass discards and unmapping zero writes on) and
+    /// the `detect-zeroes` mode.
+    pub fn set_write_policy(&self, unmap: bool, detect_zeroes: DetectZeroes) {
+        self.unmap.store(unmap, Ordering::Relaxed);
+        self.detect_zeroes
+            .store(detect_zeroes as u8, Ordering::Relaxed);
+    }
+
+    /// Whether discards reach the driver (`discard=unmap`).
+    pub fn unmaps(&self) -> bool {
+        self.unmap.load(Ordering::Relaxed)
+    }
+
+    /// The `detect-zeroes` mode.
+    pub fn detect_zeroes(&self) -> DetectZeroes {
+        DetectZeroes::from_u8(self.detect_zeroes.load(Ordering::Relaxed))
     }
 
     /// Arm (or with 0, disarm) the write threshold.
@@ -196,6 +259,17 @@ impl BlockNode for GraphNode {
             return Box::pin(async move { Err(e) });
         }
         self.mark(offset, n);
+        let detect = self.detect_zeroes();
+        if detect != DetectZeroes::Off && n > 0 && buf.is_zero() {
+            // As QEMU's `bdrv_aligned_pwritev`: all-zero data goes as a zero write.
+            let zf = ZeroFlags {
+                may_unmap: detect == DetectZeroes::Unmap && self.unmaps(),
+                no_fallback: false,
+            };
+            return accounted!(self, IoKind::Write, offset, n, async move {
+                self.driver.write_zeroes(offset, n, zf).await.map(|()| buf)
+            });
+        }
         accounted!(
             self,
             IoKind::Write,
@@ -210,6 +284,10 @@ impl BlockNode for GraphNode {
             return Box::pin(async move { Err(e) });
         }
         self.mark(offset, len);
+        let flags = ZeroFlags {
+            may_unmap: flags.may_unmap && self.unmaps(),
+            ..flags
+        };
         accounted!(
             self,
             IoKind::Write,
@@ -220,6 +298,10 @@ impl BlockNode for GraphNode {
     }
 
     fn discard(&self, offset: u64, len: u64) -> BoxFuture<'_, ()> {
+        if !self.unmaps() {
+            // `discard=ignore`: done, and nothing changed (QEMU's `bdrv_co_pdiscard`).
+            return accounted!(self, IoKind::Discard, offset, len, async { Ok(()) });
+        }
         self.mark(offset, len);
         accounted!(
             self,

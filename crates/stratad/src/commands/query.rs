@@ -118,7 +118,10 @@ async fn device_info(g: &Graph, name: &str, flat: bool, memo: &mut ChainInfos) -
         json!(if flat { 0 } else { backing_depth(g, name) }),
     );
     v.insert("encrypted".into(), json!(false));
-    v.insert("detect_zeroes".into(), json!("off"));
+    v.insert(
+        "detect_zeroes".into(),
+        json!(rec.node.detect_zeroes().as_str()),
+    );
     for k in ["bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"] {
         v.insert(k.into(), json!(0));
     }
