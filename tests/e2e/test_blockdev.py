@@ -86,6 +86,40 @@ def test_discard_and_detect_zeroes_policies(run):
 
 
 @scenario
+def test_blockdev_add_runtime_option_errors(run):
+    """qcow2 cache options, cache-clean-interval, lazy-refcounts on a v2 image and
+    aio=native without O_DIRECT: refused with QEMU's texts; valid values accepted."""
+    img = run.img("a.qcow2", "4M")
+    v2 = run.path("v2.qcow2")
+    run.sh(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10", v2, "4M"])
+    run.start()
+
+    def q(label, path=img, ok=False, **o):
+        args = {"driver": "qcow2", "node-name": "n",
+                "file": {"driver": "file", "filename": path}, **o}
+        if ok:
+            run.ok("blockdev-add", args, label=label)
+            run.ok("blockdev-del", {"node-name": "n"}, label=f"{label}: del")
+        else:
+            run.err("blockdev-add", args, label=label)
+
+    q("all three cache sizes", **{"cache-size": 524288, "l2-cache-size": 262144,
+                                  "refcount-cache-size": 65536})
+    q("l2 above cache-size", **{"cache-size": 524288, "l2-cache-size": 1048576})
+    q("refcount above cache-size", **{"cache-size": 524288, "refcount-cache-size": 1048576})
+    q("l2 within cache-size", ok=True, **{"cache-size": 524288, "l2-cache-size": 262144})
+    q("entry size not a power of two", **{"l2-cache-entry-size": 100})
+    q("entry size above the cluster", **{"l2-cache-entry-size": 131072})
+    q("entry size 4k", ok=True, **{"l2-cache-entry-size": 4096})
+    q("clean interval negative", **{"cache-clean-interval": -1})
+    q("clean interval too big", **{"cache-clean-interval": 1 << 32})
+    q("lazy refcounts on v2", path=v2, **{"lazy-refcounts": True})
+    run.err("blockdev-add", {"driver": "file", "node-name": "f", "filename": img, "aio": "native"},
+            label="aio=native without cache.direct")
+    run.stop()
+
+
+@scenario
 def test_blockdev_add_errors(run):
     base, mid, top = run.chain()
     run.start()

@@ -73,6 +73,52 @@ struct Opening<'a> {
     inherited_unmap: bool,
 }
 
+/// The qcow2 runtime options QEMU refuses at open (`read_cache_sizes` and
+/// `qcow2_update_options_prepare`), with its texts.
+fn check_qcow2_runtime_options(
+    opts: &Map<String, Value>,
+    header: &strata_qcow2::Header,
+) -> Result<(), String> {
+    let cs = header.cluster_size();
+    let (l2, rc) = (
+        opt_u64(opts, "l2-cache-size"),
+        opt_u64(opts, "refcount-cache-size"),
+    );
+    if let Some(combined) = opt_u64(opts, "cache-size") {
+        if l2.is_some() && rc.is_some() {
+            return Err(
+                "cache-size, l2-cache-size and refcount-cache-size may not be set at the same time"
+                    .into(),
+            );
+        }
+        if l2.is_some_and(|l| l > combined) {
+            return Err("l2-cache-size may not exceed cache-size".into());
+        }
+        if rc.is_some_and(|r| r > combined) {
+            return Err("refcount-cache-size may not exceed cache-size".into());
+        }
+    }
+    if let Some(e) = opt_u64(opts, "l2-cache-entry-size")
+        && (e < 512 || e > cs || !e.is_power_of_two())
+    {
+        return Err(format!(
+            "L2 cache entry size must be a power of two between 512 and the cluster size ({cs})"
+        ));
+    }
+    if let Some(v) = opts.get("cache-clean-interval").and_then(Value::as_i64)
+        && !(0..=i64::from(u32::MAX)).contains(&v)
+    {
+        return Err("Cache clean interval too big".into());
+    }
+    if opt_bool(opts, "lazy-refcounts", false) && header.version < 3 {
+        return Err(
+            "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
 /// `opts` with `"backing": ""` turned into `null`, which QEMU still accepts with a
 /// deprecation warning (`None`: nothing to change).
 fn empty_backing_as_null(opts: &Map<String, Value>) -> Option<Map<String, Value>> {
@@ -291,11 +337,10 @@ impl Opening<'_> {
                     Some("io_uring") => Aio::IoUring,
                     _ => Aio::Threads,
                 };
-                let direct = opts
-                    .get("cache")
-                    .and_then(|c| c.get("direct"))
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false);
+                let direct = cache_flag(opts, "direct");
+                if opt_str(opts, "aio") == Some("native") && !direct {
+                    return Err("aio=native was specified, but it requires cache.direct=on, which was not specified.".into());
+                }
                 let fo = FileOptions {
                     read_only,
                     direct,
@@ -348,6 +393,7 @@ impl Opening<'_> {
                 let header = strata_qcow2::read_header(&(file_link.clone() as NodeRef))
                     .await
                     .map_err(|e| e.to_string())?;
+                check_qcow2_runtime_options(opts, &header)?;
                 let image_name = file_link.filename();
                 // External data file: explicit, or the one the header names.
                 let data_file = match opts.get("data-file") {
