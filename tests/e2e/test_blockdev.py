@@ -120,6 +120,22 @@ def test_blockdev_add_runtime_option_errors(run):
 
 
 @scenario
+def test_device_names_a_block_backend(run):
+    """`device` names a block backend, and a storage daemon has none: commands that take
+    `device` or `node-name` find nodes by `node-name` only. query-version reports the QEMU
+    release whose interface the daemon implements."""
+    img = run.img("a.qcow2", "4M")
+    run.start()
+    add_qcow2(run, "n", img)
+    run.err("block_resize", {"device": "n", "size": 8 << 20}, label="block_resize by device")
+    run.ok("block_resize", {"node-name": "n", "size": 8 << 20}, label="block_resize by node-name")
+    run.err("blockdev-snapshot-sync", {"device": "n", "snapshot-file": run.path("s.qcow2"),
+                                       "format": "qcow2"}, label="snapshot-sync by device")
+    run.ok("query-version", label="qemu version", keep=lambda r: r["qemu"])
+    run.stop()
+
+
+@scenario
 def test_blockdev_add_errors(run):
     base, mid, top = run.chain()
     run.start()

@@ -36,14 +36,18 @@ pub enum Parsed {
 }
 
 /// Strata's version, reported where QEMU reports its own.
+/// The QEMU release whose qemu-storage-daemon interface stratad implements: what
+/// `query-version` and the QMP greeting report, so clients that gate features on the QEMU
+/// version treat stratad as that daemon. `package` names Strata and its own version.
+const COMPATIBLE_QEMU: (u64, u64, u64) = (10, 0, 2);
+
 pub fn version() -> VersionInfo {
-    let v = env!("CARGO_PKG_VERSION");
-    let mut parts = v.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
+    let (major, minor, micro) = COMPATIBLE_QEMU;
     VersionInfo {
-        major: parts.next().unwrap_or(0),
-        minor: parts.next().unwrap_or(0),
-        micro: parts.next().unwrap_or(0),
-        package: format!("Strata {v}"),
+        major,
+        minor,
+        micro,
+        package: format!("Strata {}", env!("CARGO_PKG_VERSION")),
     }
 }
 
@@ -227,7 +231,10 @@ pub fn parse(args: &[String]) -> Result<Parsed, CliError> {
 
 fn version_text() -> String {
     let v = env!("CARGO_PKG_VERSION");
-    format!("stratad version {v} (Strata; qemu-storage-daemon compatible)\n")
+    let (major, minor, micro) = COMPATIBLE_QEMU;
+    format!(
+        "stratad version {v} (Strata; qemu-storage-daemon {major}.{minor}.{micro} compatible)\n"
+    )
 }
 
 /// Fork: the parent waits for the child's startup verdict and returns its exit code; the

@@ -110,15 +110,17 @@ pub async fn blockdev_amend(d: Arc<Daemon>, a: Args) -> Reply {
     Ok(ok())
 }
 
-/// Find a node by `device` or `node-name` (QEMU's `bdrv_lookup_bs`).
+/// Find a node by `device` or `node-name` (QEMU's `bdrv_lookup_bs`). `device` names a
+/// block backend, and a storage daemon has no named ones: only `node-name` can match.
 fn lookup(
     g: &strata_graph::Graph,
     device: Option<&str>,
     node: Option<&str>,
 ) -> Result<String, String> {
-    let key = node.or(device).unwrap_or_default();
-    if g.node(key).is_some() {
-        return Ok(key.to_string());
+    if let Some(n) = node
+        && g.node(n).is_some()
+    {
+        return Ok(n.to_string());
     }
     Err(match (device, node) {
         (Some(dv), Some(n)) => format!("Cannot find device='{dv}' nor node-name='{n}'"),
