@@ -132,6 +132,10 @@ def test_device_names_a_block_backend(run):
     run.err("blockdev-snapshot-sync", {"device": "n", "snapshot-file": run.path("s.qcow2"),
                                        "format": "qcow2"}, label="snapshot-sync by device")
     run.ok("query-version", label="qemu version", keep=lambda r: r["qemu"])
+    # Oldest node first; file nodes carry the file driver's discard counters.
+    run.ok("query-blockstats", {"query-nodes": True}, label="blockstats shape",
+           keep=lambda r: [(x["node-name"], "parent" in x, x.get("driver-specific", {}).get("driver"),
+                            sorted(x.get("driver-specific", {}))) for x in r])
     run.stop()
 
 

@@ -35,6 +35,9 @@ pub struct GraphNode {
     unmap: AtomicBool,
     /// `detect-zeroes` as a [`DetectZeroes`] discriminant.
     detect_zeroes: AtomicU8,
+    /// Discards that reached the driver: succeeded, failed, bytes succeeded (the
+    /// `driver-specific` block statistics of QEMU's file driver).
+    driver_discards: [AtomicU64; 3],
 }
 
 /// `detect-zeroes`: whether a write of all-zero data becomes a zero write (that may unmap).
@@ -102,6 +105,7 @@ impl GraphNode {
             inactive: AtomicBool::new(false),
             unmap: AtomicBool::new(true),
             detect_zeroes: AtomicU8::new(DetectZeroes::Off as u8),
+            driver_discards: Default::default(),
         })
     }
 
@@ -116,6 +120,16 @@ impl GraphNode {
     /// Whether discards reach the driver (`discard=unmap`).
     pub fn unmaps(&self) -> bool {
         self.unmap.load(Ordering::Relaxed)
+    }
+
+    /// Discards that reached the driver: (succeeded, failed, bytes succeeded).
+    pub fn driver_discards(&self) -> (u64, u64, u64) {
+        let [ok, failed, bytes] = &self.driver_discards;
+        (
+            ok.load(Ordering::Relaxed),
+            failed.load(Ordering::Relaxed),
+            bytes.load(Ordering::Relaxed),
+        )
     }
 
     /// The `detect-zeroes` mode.
@@ -303,13 +317,17 @@ impl BlockNode for GraphNode {
             return accounted!(self, IoKind::Discard, offset, len, async { Ok(()) });
         }
         self.mark(offset, len);
-        accounted!(
-            self,
-            IoKind::Discard,
-            offset,
-            len,
-            self.driver.discard(offset, len)
-        )
+        accounted!(self, IoKind::Discard, offset, len, async move {
+            let r = self.driver.discard(offset, len).await;
+            let [ok, failed, bytes] = &self.driver_discards;
+            if r.is_ok() {
+                ok.fetch_add(1, Ordering::Relaxed);
+                bytes.fetch_add(len, Ordering::Relaxed);
+            } else {
+                failed.fetch_add(1, Ordering::Relaxed);
+            }
+            r
+        })
     }
 
     fn flush(&self) -> BoxFuture<'_, ()> {

@@ -211,6 +211,15 @@ fn stats_of(g: &Graph, name: &str, depth: usize) -> Value {
     let mut v = Map::new();
     v.insert("node-name".into(), json!(name));
     v.insert("stats".into(), rec.node.stats().to_qmp());
+    let driver = strata_core::BlockNode::driver(&*rec.node);
+    if driver == "file" || driver == "host_device" {
+        let (ok, failed, bytes) = rec.node.driver_discards();
+        v.insert(
+            "driver-specific".into(),
+            json!({"driver": driver, "discard-nb-ok": ok, "discard-nb-failed": failed,
+                   "discard-bytes-ok": bytes}),
+        );
+    }
     if depth < 64 {
         if let Some(f) = g.child(name, "file") {
             v.insert("parent".into(), stats_of(g, &f.child, depth + 1));
@@ -228,12 +237,10 @@ pub async fn query_blockstats(d: Arc<Daemon>, a: Args) -> Reply {
         return Ok(json!([]));
     }
     let g = d.env.graph.lock().await;
+    // Oldest node first, as QEMU walks its node list here (query-named-block-nodes lists
+    // newest first).
     Ok(Value::Array(
-        g.node_names()
-            .iter()
-            .rev()
-            .map(|n| stats_of(&g, n, 0))
-            .collect(),
+        g.node_names().iter().map(|n| stats_of(&g, n, 0)).collect(),
     ))
 }
 
