@@ -68,3 +68,32 @@ def test_export_command_line(run):
     run.stop("term")
     run.rec("stderr empty", run.d.stderr().strip() == "")
     run.record_image("disk", img)
+
+
+@scenario
+def test_export_bitmap_and_description_errors(run):
+    """Bitmaps named `{node, name}` are found on any node, with their own texts, and skip
+    the enabled-bitmap check a bitmap named by string gets on a read-only export; an
+    over-long description is refused."""
+    img = run.img("a.qcow2", "4M")
+    run.start()
+    add_qcow2(run, "n", img)
+    nbd_start(run)
+    run.ok("block-dirty-bitmap-add", {"node": "n", "name": "nb"})
+    run.ok("block-dirty-bitmap-add", {"node": "n-file", "name": "fb"})
+    base = {"type": "nbd", "id": "e", "node-name": "n"}
+    run.err("block-export-add", {**base, "description": "d" * 4097}, label="description too long")
+    run.err("block-export-add", {**base, "bitmaps": [{"node": "zz", "name": "nb"}]},
+            label="bitmap on an unknown node")
+    run.err("block-export-add", {**base, "bitmaps": [{"node": "n", "name": "nope"}]},
+            label="unknown bitmap, object form")
+    run.err("block-export-add", {**base, "bitmaps": ["nope"]}, label="unknown bitmap, by name")
+    run.err("block-export-add", {**base, "bitmaps": ["nb"]},
+            label="enabled bitmap by name on a read-only export")
+    run.ok("block-export-add", {**base, "bitmaps": [{"node": "n", "name": "nb"}]},
+           label="enabled bitmap, object form")
+    run.ok("block-export-del", {"id": "e"})
+    run.events("export deleted", lambda e: e["event"] == "BLOCK_EXPORT_DELETED")
+    run.ok("block-export-add", {**base, "bitmaps": [{"node": "n-file", "name": "fb"}]},
+           label="bitmap of another node")
+    run.stop()

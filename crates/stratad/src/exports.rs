@@ -254,22 +254,29 @@ pub async fn add_export(d: &Daemon, a: &Args) -> Result<(), String> {
         .into_iter()
         .flatten()
     {
-        let (bset, bname) = match b {
-            Value::String(n) => (set.clone(), n.clone()),
+        // A name is looked up on the exported node; `{node, name}` anywhere, with other
+        // texts and (as QEMU, which checks the exported node only for names) no
+        // read-only-export check.
+        let (bset, bname, by_name) = match b {
+            Value::String(n) => (set.clone(), n.clone(), true),
             Value::Object(o) => {
                 let nn = o.get("node").and_then(Value::as_str).unwrap_or_default();
                 let bn = o.get("name").and_then(Value::as_str).unwrap_or_default();
                 let Some(r) = g.node(nn) else {
-                    return Err(format!("Cannot find device='' nor node-name='{nn}'"));
+                    return Err(format!("Node '{nn}' not found"));
                 };
-                (r.node.bitmaps(), bn.to_string())
+                (r.node.bitmaps(), bn.to_string(), false)
             }
             _ => continue,
         };
         let Some(info) = bset.get_info(&bname) else {
-            return Err(format!("Bitmap '{bname}' is not found"));
+            return Err(if by_name {
+                format!("Bitmap '{bname}' is not found")
+            } else {
+                format!("Dirty bitmap '{bname}' not found")
+            });
         };
-        if info.recording && !writable && !rec.read_only {
+        if by_name && info.recording && !writable && !rec.read_only {
             return Err(format!(
                 "Enabled bitmap '{bname}' incompatible with readonly export"
             ));

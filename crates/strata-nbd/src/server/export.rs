@@ -184,12 +184,12 @@ impl ExportSet {
                 cfg.name
             )));
         }
-        if cfg
+        if let Some(d) = cfg
             .description
             .as_ref()
-            .is_some_and(|d| d.len() > proto::MAX_STRING)
+            .filter(|d| d.len() > proto::MAX_STRING)
         {
-            return Err(Error::invalid("description must not be longer than 4096"));
+            return Err(Error::invalid(format!("description '{d}' too long")));
         }
         if cfg.writable && cfg.node.read_only() {
             return Err(Error::invalid("Cannot export read-only node as writable"));
