@@ -766,11 +766,7 @@ async fn reopen_one(graph: &mut Graph, name: &str, read_only: bool) -> Result<()
                 Some("io_uring") => Aio::IoUring,
                 _ => Aio::Threads,
             };
-            let direct = opts
-                .get("cache")
-                .and_then(|c| c.get("direct"))
-                .and_then(Value::as_bool)
-                .unwrap_or(false);
+            let direct = cache_flag(&opts, "direct");
             let file = FileNode::open(
                 Path::new(filename),
                 &FileOptions {
