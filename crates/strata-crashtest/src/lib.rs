@@ -5,11 +5,13 @@
 //! * [`replay`]: rebuilds the crash states a write log (from the `log-writes` filter) allows.
 //! * [`powerloss`]: runs guest writes on an in-process qcow2 over a logged memory file and
 //!   checks every replayed crash state.
+//! * [`powerloss_jobs`]: the same for a stream job across a base and a top image file.
 //! * [`killsweep`]: runs `strata` commands and SIGKILLs them at seeded random points.
 
 pub mod killsweep;
 pub mod pattern;
 pub mod powerloss;
+pub mod powerloss_jobs;
 pub mod replay;
 
 /// What one sweep measured.

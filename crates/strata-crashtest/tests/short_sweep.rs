@@ -1,7 +1,7 @@
 //! The CI mode of the crash harness: 20 kill points per operation, and the power-loss replay
 //! of a short guest-write run.
 
-use strata_crashtest::{killsweep, powerloss};
+use strata_crashtest::{killsweep, powerloss, powerloss_jobs};
 
 #[test]
 fn kill9_sweep_short() {
@@ -31,5 +31,13 @@ fn kill9_sweep_short() {
 fn power_loss_replay_short() {
     let r = powerloss::guest_writes(7, 60, 20);
     assert!(r.states >= 200, "only {} crash states", r.states);
+    assert!(r.failures.is_empty(), "{:#?}", r.failures);
+}
+
+#[test]
+fn power_loss_stream_job_short() {
+    let r = powerloss_jobs::stream_job(7, 6);
+    eprintln!("{r:?}");
+    assert!(r.states >= 60, "only {} crash states", r.states);
     assert!(r.failures.is_empty(), "{:#?}", r.failures);
 }

@@ -1,10 +1,11 @@
 //! `crashtest [--long] [--seed N]`: the kill -9 sweep and the power-loss replay, with the
 //! figures of each. Short mode: 20 kill points per operation and 20 variants per flush
-//! epoch; `--long`: 200 kill points, and at least 10,000 replayed crash states.
+//! epoch; `--long`: 200 kill points, and at least 10,000 replayed crash states (each of the
+//! guest-writes and the stream-job replay).
 
 use std::time::Instant;
 
-use strata_crashtest::{Tally, killsweep, powerloss};
+use strata_crashtest::{Tally, killsweep, powerloss, powerloss_jobs};
 
 fn main() {
     let mut long = false;
@@ -27,10 +28,15 @@ fn main() {
         }
     }
     let (points, writes, variants) = if long { (200, 400, 80) } else { (20, 60, 20) };
+    let (job_variants, job_states) = if long { (100, 10_000) } else { (20, 1) };
     let mut all = Tally::default();
     let t = Instant::now();
     let r = powerloss::guest_writes(seed, writes, variants);
     report("power-loss guest-writes", &r, t);
+    all.absorb(r);
+    let t = Instant::now();
+    let r = powerloss_jobs::stream_jobs_at_least(seed, job_variants, job_states);
+    report("power-loss stream-job", &r, t);
     all.absorb(r);
     for op in killsweep::OPERATIONS {
         let t = Instant::now();
