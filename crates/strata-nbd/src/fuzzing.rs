@@ -153,7 +153,61 @@ pub fn session_output(data: &[u8]) -> Vec<u8> {
         proto::decode_greeting(&out[..proto::GREETING_LEN]).is_ok(),
         "bad greeting"
     );
+    check_reply_framing(&out);
     out
+}
+
+/// The server's framing after the greeting: every option reply carries the option-reply
+/// magic up to the `NBD_OPT_GO` acknowledgement; after it, once structured replies or
+/// extended headers were agreed, every reply carries the magic its kind allows (no simple or
+/// structured reply with extended headers, no extended one without) and its stated length.
+/// A wrong magic means the server lost track of its own stream. Not walked: a stream after
+/// `NBD_OPT_EXPORT_NAME` (its answer has no magic) or with simple replies only (a read's
+/// payload length is not in its reply). A stream may end mid-reply (the client closed).
+fn check_reply_framing(out: &[u8]) {
+    let be32 = |at: usize| u32::from_be_bytes(out[at..at + 4].try_into().expect("4 bytes"));
+    let be64 = |at: usize| u64::from_be_bytes(out[at..at + 8].try_into().expect("8 bytes"));
+    let mut pos = proto::GREETING_LEN;
+    let (mut structured, mut extended) = (false, false);
+    loop {
+        if pos + 20 > out.len() || be64(pos) != proto::REP_MAGIC {
+            return;
+        }
+        let (opt, kind) = (be32(pos + 8), be32(pos + 12));
+        pos += 20 + be32(pos + 16) as usize;
+        if kind == proto::REP_ACK {
+            match opt {
+                proto::OPT_STRUCTURED_REPLY => structured = true,
+                proto::OPT_EXTENDED_HEADERS => extended = true,
+                proto::OPT_GO => break,
+                _ => {}
+            }
+        }
+    }
+    if !(structured || extended) {
+        return;
+    }
+    while pos + 4 <= out.len() {
+        pos = match be32(pos) {
+            proto::SIMPLE_REPLY_MAGIC if !extended => pos + 16,
+            proto::STRUCTURED_REPLY_MAGIC if !extended => {
+                if pos + 20 > out.len() {
+                    return;
+                }
+                pos + 20 + be32(pos + 16) as usize
+            }
+            proto::EXTENDED_REPLY_MAGIC if extended => {
+                if pos + 32 > out.len() {
+                    return;
+                }
+                pos.saturating_add(32)
+                    .saturating_add(usize::try_from(be64(pos + 24)).unwrap_or(usize::MAX))
+            }
+            m => panic!(
+                "reply at byte {pos} has magic {m:#x} (structured {structured}, extended {extended})"
+            ),
+        };
+    }
 }
 
 /// Feeds `client_bytes` in `chunk`-sized writes, closes, and returns all the server sent.
@@ -287,4 +341,45 @@ pub fn seed_sessions() -> Vec<(String, Vec<u8>)> {
         seeds.push((format!("opt_{name}"), input));
     }
     seeds
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Greeting, structured replies and `NBD_OPT_GO` acknowledged, one simple reply, then
+    /// four bytes of the reply that follows.
+    fn stream(next_magic: u32) -> Vec<u8> {
+        let mut out = proto::encode_greeting(proto::FLAG_FIXED_NEWSTYLE).to_vec();
+        out.extend(proto::encode_option_reply(
+            proto::OPT_STRUCTURED_REPLY,
+            proto::REP_ACK,
+            &[],
+        ));
+        out.extend(proto::encode_option_reply(
+            proto::OPT_GO,
+            proto::REP_ACK,
+            &[],
+        ));
+        out.extend(proto::encode_simple_reply(7, 0));
+        out.extend(next_magic.to_be_bytes());
+        out
+    }
+
+    #[test]
+    fn framing_check_walks_the_replies() {
+        check_reply_framing(&stream(proto::STRUCTURED_REPLY_MAGIC));
+    }
+
+    #[test]
+    #[should_panic(expected = "has magic 0x12345678")]
+    fn framing_check_catches_a_bad_magic() {
+        check_reply_framing(&stream(0x1234_5678));
+    }
+
+    #[test]
+    #[should_panic(expected = "has magic 0x6e8a278c")]
+    fn framing_check_catches_an_extended_reply_without_extended_headers() {
+        check_reply_framing(&stream(proto::EXTENDED_REPLY_MAGIC));
+    }
 }
