@@ -41,3 +41,11 @@ fn power_loss_stream_job_short() {
     assert!(r.states >= 60, "only {} crash states", r.states);
     assert!(r.failures.is_empty(), "{:#?}", r.failures);
 }
+
+#[test]
+fn power_loss_commit_job_short() {
+    let r = powerloss_jobs::commit_job(7, 6);
+    eprintln!("{r:?}");
+    assert!(r.states >= 60, "only {} crash states", r.states);
+    assert!(r.failures.is_empty(), "{:#?}", r.failures);
+}

@@ -1,7 +1,7 @@
 //! `crashtest [--long] [--seed N]`: the kill -9 sweep and the power-loss replay, with the
 //! figures of each. Short mode: 20 kill points per operation and 20 variants per flush
 //! epoch; `--long`: 200 kill points, and at least 10,000 replayed crash states (each of the
-//! guest-writes and the stream-job replay).
+//! guest-writes, the stream-job and the commit-job replay).
 
 use std::time::Instant;
 
@@ -37,6 +37,10 @@ fn main() {
     let t = Instant::now();
     let r = powerloss_jobs::stream_jobs_at_least(seed, job_variants, job_states);
     report("power-loss stream-job", &r, t);
+    all.absorb(r);
+    let t = Instant::now();
+    let r = powerloss_jobs::commit_jobs_at_least(seed, job_variants, job_states);
+    report("power-loss commit-job", &r, t);
     all.absorb(r);
     for op in killsweep::OPERATIONS {
         let t = Instant::now();
